@@ -1,0 +1,235 @@
+"""Typed configuration: one frozen dataclass per section of ``params.yaml``.
+
+Field names are the params keys. ``Params.from_dict`` validates a parsed params file strictly: every key must
+be present (DVC only tracks keys that are written down, so a silent code default would hide a change from
+``dvc repro``), unknown keys are rejected, types are checked against the annotations and ranges by each
+section's ``__post_init__``. Every error names the file, the section and the key.
+
+This module never reads files; ``pipelines/params.py`` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 30, 30),
+    "green": (30, 200, 30),
+    "blue": (40, 80, 255),
+    "yellow": (240, 220, 30),
+    "magenta": (220, 40, 220),
+    "cyan": (30, 220, 220),
+    "white": (240, 240, 240),
+    "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+
+
+class ParamsError(ValueError):
+    """A params file (or mapping) that does not describe a valid configuration."""
+
+
+class FieldError(ValueError):
+    """Raised by a section's validation; the loader adds the file and section to the message."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise FieldError(key, message)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str = "dalle"
+
+    def __post_init__(self):
+        _check(bool(self.experiment.strip()), "experiment", "must be a non-empty experiment name")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["shapes", "folder", "manifest"] = "shapes"
+    path: str | None = None
+    image_size: int = 32
+    n_train: int = 10000
+    n_val: int = 500
+    n_test: int = 1000
+    max_objects: int = 1
+    captions_per_image: int = 3
+    holdout_pairs: tuple[tuple[str, str], ...] = (
+        ("red", "triangle"),
+        ("blue", "circle"),
+        ("yellow", "square"),
+        ("cyan", "triangle"),
+    )
+    heldout_fraction: float = 0.5
+    workers: int = 2
+
+    def __post_init__(self):
+        _check(
+            self.source == "shapes" or self.path is not None,
+            "path",
+            f"is required when data.source is {self.source!r} (a folder of images or a CSV/Parquet manifest)",
+        )
+        _check(16 <= self.image_size <= 256, "image_size", f"must be in 16..256, got {self.image_size}")
+        _check(self.n_train >= 1, "n_train", f"must be >= 1, got {self.n_train}")
+        _check(self.n_val >= 1, "n_val", f"must be >= 1, got {self.n_val}")
+        _check(self.n_test >= 1, "n_test", f"must be >= 1, got {self.n_test}")
+        _check(self.max_objects in (1, 2), "max_objects", f"must be 1 or 2, got {self.max_objects}")
+        _check(self.captions_per_image >= 1, "captions_per_image", f"must be >= 1, got {self.captions_per_image}")
+        for colour, shape in self.holdout_pairs:
+            _check(colour in COLOURS, "holdout_pairs", f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
+            _check(shape in SHAPES, "holdout_pairs", f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        _check(
+            len(set(self.holdout_pairs)) == len(self.holdout_pairs), "holdout_pairs", "lists a pair twice"
+        )
+        _check(
+            len(self.holdout_pairs) < len(COLOURS) * len(SHAPES),
+            "holdout_pairs",
+            "holds out every (colour, shape) pair; nothing is left to train on",
+        )
+        _check(
+            0.0 <= self.heldout_fraction <= 1.0,
+            "heldout_fraction",
+            f"must be in [0, 1], got {self.heldout_fraction}",
+        )
+        _check(self.workers >= 1, "workers", f"must be >= 1, got {self.workers}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    vocab_size: int = 512
+    text_len: int = 32
+
+    def __post_init__(self):
+        # Byte-level BPE starts from 256 byte symbols; a smaller vocabulary cannot hold them.
+        _check(self.vocab_size > 256, "vocab_size", f"must be > 256 (the byte alphabet), got {self.vocab_size}")
+        _check(self.text_len >= 1, "text_len", f"must be >= 1, got {self.text_len}")
+
+
+@dataclass(frozen=True)
+class DvaeConfig:
+    downsample: int = 4
+
+    def __post_init__(self):
+        d = self.downsample
+        _check(d >= 1 and d & (d - 1) == 0, "downsample", f"must be a power of two (1, 2, 4, 8, ...), got {d}")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    dvae: DvaeConfig = field(default_factory=DvaeConfig)
+
+    def __post_init__(self):
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.data.image_size % self.dvae.downsample:
+            raise FieldError(
+                "data.image_size",
+                f"{self.data.image_size} is not divisible by dvae.downsample={self.dvae.downsample}",
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "params") -> Params:
+        """Build validated params from a parsed params file; ``source`` names the file in errors."""
+        if not isinstance(raw, Mapping):
+            raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+        return _build(cls, raw, source, prefix="")
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.image_size": 32, ...}``: the keys `dvc exp run -S` and MLflow params use."""
+        return _flatten(dataclasses.asdict(self))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _build(cls: type, raw: Mapping, source: str, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    where = prefix.rstrip(".") or "top level"
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        raise ParamsError(
+            f"{source}: {prefix}{unknown[0]}: unknown key in {where}; expected one of: {', '.join(names)}"
+        )
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ParamsError(f"{source}: {prefix}{missing[0]}: missing required key in {where}")
+    values = {}
+    for name in names:
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(raw[name], Mapping):
+                raise ParamsError(f"{source}: {key}: expected a section (mapping), got {raw[name]!r}")
+            values[name] = _build(hint, raw[name], source, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(raw[name], hint, source, key)
+    try:
+        return cls(**values)
+    except FieldError as err:
+        raise ParamsError(f"{source}: {prefix}{err.key}: {err.message}") from None
+
+
+def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
+    """Check ``value`` against a field annotation; lists become tuples so sections stay hashable."""
+
+    def fail(expected: str):
+        raise ParamsError(f"{source}: {key}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, f"unsupported annotation {hint}"
+        return _coerce(value, inner[0], source, key)
+    if origin is Literal:
+        if value not in args:
+            fail("one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} items")
+        return tuple(_coerce(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise AssertionError(f"unsupported annotation {hint} for {key}")

@@ -1,0 +1,131 @@
+"""params.yaml -> typed Params: strict validation with the file, section and key named in every error."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dalle.config import DataConfig, Params, ParamsError
+from pipelines.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write_params(tmp_path: Path, edit) -> Path:
+    raw = copy.deepcopy(RAW)
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_default_params_file_loads_and_matches_code_defaults():
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_every_key_in_params_yaml_has_a_comment():
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    for key in Params().flat():
+        leaf = key.split(".")[-1]
+        matches = [line for line in lines if re.match(rf"\s*{leaf}:", line)]
+        assert matches, f"{key} not found in params.yaml"
+        assert all("#" in line for line in matches), f"{key} has no comment in params.yaml"
+
+
+def test_flat_keys_are_dvc_style():
+    flat = Params().flat()
+    assert flat["data.n_train"] == 10000 and flat["seed"] == 0 and flat["tokenizer.text_len"] == 32
+
+
+def _set(path: str, value):
+    def edit(raw):
+        *parents, leaf = path.split(".")
+        node = raw
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+
+    return edit
+
+
+def _delete(path: str):
+    def edit(raw):
+        *parents, leaf = path.split(".")
+        node = raw
+        for name in parents:
+            node = node[name]
+        del node[leaf]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, key, words",
+    [
+        (_set("data.n_trian", 5), "data.n_trian", "unknown key"),
+        (_set("colour", "red"), "colour", "unknown key"),
+        (_delete("tokenizer.text_len"), "tokenizer.text_len", "missing required key"),
+        (_delete("dvae"), "dvae", "missing required key"),
+        (_set("data.image_size", "32"), "data.image_size", "expected an integer"),
+        (_set("data.n_train", True), "data.n_train", "expected an integer"),
+        (_set("seed", 1.5), "seed", "expected an integer"),
+        (_set("data.heldout_fraction", "half"), "data.heldout_fraction", "expected a number"),
+        (_set("data.source", "s3"), "data.source", "one of 'shapes', 'folder', 'manifest'"),
+        (_set("data", [1, 2]), "data", "expected a section"),
+        (_set("data.holdout_pairs", [["red"]]), "data.holdout_pairs[0]", "list of 2 items"),
+        (_set("data.holdout_pairs", [["purple", "circle"]]), "data.holdout_pairs", "unknown colour 'purple'"),
+        (_set("data.holdout_pairs", [["red", "hexagon"]]), "data.holdout_pairs", "unknown shape 'hexagon'"),
+        (_set("data.holdout_pairs", [["red", "circle"], ["red", "circle"]]), "data.holdout_pairs", "twice"),
+        (_set("data.image_size", 8), "data.image_size", "16..256"),
+        (_set("data.image_size", 34), "data.image_size", "not divisible by dvae.downsample=4"),
+        (_set("data.n_train", -3), "data.n_train", ">= 1"),
+        (_set("data.n_val", 0), "data.n_val", ">= 1"),
+        (_set("data.max_objects", 3), "data.max_objects", "1 or 2"),
+        (_set("data.heldout_fraction", 1.5), "data.heldout_fraction", "[0, 1]"),
+        (_set("data.source", "folder"), "data.path", "required when data.source is 'folder'"),
+        (_set("data.workers", 0), "data.workers", ">= 1"),
+        (_set("tokenizer.vocab_size", 100), "tokenizer.vocab_size", "> 256"),
+        (_set("tokenizer.text_len", 0), "tokenizer.text_len", ">= 1"),
+        (_set("dvae.downsample", 3), "dvae.downsample", "power of two"),
+        (_set("seed", -1), "seed", ">= 0"),
+        (_set("mlflow.experiment", " "), "mlflow.experiment", "non-empty"),
+    ],
+)
+def test_bad_value_names_file_section_and_key(tmp_path, edit, key, words):
+    path = write_params(tmp_path, edit)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert words in message, message
+
+
+def test_valid_override_is_typed_and_frozen(tmp_path):
+    path = write_params(tmp_path, _set("data.holdout_pairs", [["green", "square"]]))
+    params = load_params(path)
+    assert params.data.holdout_pairs == (("green", "square"),)
+    assert isinstance(params.data.heldout_fraction, float)
+    with pytest.raises(AttributeError):
+        params.data.image_size = 64  # type: ignore[misc]
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match=f"{bad}: not valid YAML"):
+        load_params(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="expected a mapping of sections"):
+        load_params(bad)
+
+
+def test_dataclass_validates_when_built_in_code():
+    with pytest.raises(ValueError, match="image_size: must be in 16..256"):
+        DataConfig(image_size=300)

@@ -1,0 +1,39 @@
+"""environment.yml (conda) and pyproject.toml (pip) must ask for the same packages at the same versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from packaging.requirements import Requirement
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _normalise(requirements) -> dict[str, str]:
+    parsed = [Requirement(r) for r in requirements]
+    return {r.name.lower(): str(r.specifier) for r in parsed}
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pip_side = _normalise(project["dependencies"] + project["optional-dependencies"]["dev"])
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_lists = [d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d]
+    assert len(pip_lists) == 1, "environment.yml needs exactly one pip: list"
+    conda_side = _normalise(pip_lists[0])
+    assert conda_side == pip_side
+    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    assert python.removeprefix("python") == project["requires-python"]
+
+
+def test_torch_range_admits_the_cpu_wheel_and_cuda_builds():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    torch = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch"))
+    for version in ("2.5.1", "2.13.0", "2.13.0+cpu", "2.14.1+cu128"):
+        assert torch.specifier.contains(version), version
