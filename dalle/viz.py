@@ -14,7 +14,7 @@ def contact_sheet(
     captions: Sequence[str],
     columns: int = 8,
     cell: int = 128,
-    text_lines: int = 3,
+    text_lines: int = 4,
 ) -> Image.Image:
     """Lay uint8 (H, W, 3) images out on a grid, each upscaled to ``cell`` px with its caption below."""
     if len(images) != len(captions):

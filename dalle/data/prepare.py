@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from dalle.config import Params
+from dalle.data.ingest import Skipped, iter_real
+from dalle.data.shapes import iter_shapes
 from dalle.data.store import SPLITS, STATS_FILE, read_split, write_split
 from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
@@ -26,36 +28,12 @@ SHEET_IMAGES = 32
 
 def prepare_dataset(params: Params, out_dir: str | Path) -> dict:
     """Write the prepared dataset for ``params`` to ``out_dir``; returns the stats also saved as stats.json."""
-    cfg = params.data
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        capacities = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-        if cfg.source == "shapes":
-            from dalle.data.shapes import iter_shapes
-
-            skipped = None
-            samples = {split: iter_shapes(cfg, params.seed, split, capacities[split]) for split in SPLITS}
-        else:
-            from dalle.data.ingest import Skipped, iter_real
-
-            skipped = Skipped()
-            samples = iter_real(cfg, params.seed, skipped)
-        counts = {
-            split: write_split(tmp / split, samples[split], capacities[split], cfg.image_size, desc=f"prepare {split}")
-            for split in SPLITS
-        }
-        if skipped is not None:
-            skipped.warn(f"data.path={cfg.path}")
-        empty = [split for split, count in counts.items() if count == 0]
-        if empty:
-            raise ValueError(
-                f"data.path={cfg.path}: no usable images left for split(s) {', '.join(empty)}"
-                + (f"; skipped by reason: {skipped.counts()}" if skipped is not None else "")
-            )
-
+        counts, skipped = _write_splits(params, tmp)
         splits = {split: read_split(tmp / split) for split in SPLITS}
         train_captions = [c for caps in splits["train"].records["captions"] for c in caps]
         tokenizer = TextTokenizer.train(train_captions, params.tokenizer.vocab_size)
@@ -68,6 +46,32 @@ def prepare_dataset(params: Params, out_dir: str | Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return stats
+
+
+def _write_splits(params: Params, tmp: Path):
+    """Stream every split into ``tmp``; returns image counts per split and the inputs skipped (real data)."""
+    cfg = params.data
+    capacities = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    skipped = None if cfg.source == "shapes" else Skipped()
+    try:
+        if skipped is None:
+            samples = {split: iter_shapes(cfg, params.seed, split, capacities[split]) for split in SPLITS}
+        else:
+            samples = iter_real(cfg, params.seed, skipped)
+        counts = {
+            split: write_split(tmp / split, samples[split], capacities[split], cfg.image_size, f"prepare {split}")
+            for split in SPLITS
+        }
+    finally:  # report skipped files even when they leave nothing to prepare
+        if skipped is not None:
+            skipped.warn(f"data.path={cfg.path}")
+    empty = [split for split, count in counts.items() if count == 0]
+    if empty:
+        raise ValueError(
+            f"data.path={cfg.path}: no usable images left for split(s) {', '.join(empty)}; "
+            f"skipped by reason: {skipped.counts() if skipped else {}}"
+        )
+    return counts, skipped
 
 
 def _stats(params: Params, splits, tokenizer: TextTokenizer, counts: dict, skipped) -> dict:

@@ -1,0 +1,71 @@
+"""`dvc repro` and `dvc exp run -S` of the prepare stage in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+
+def run(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory) -> Path:
+    """The repository's tracked and new files (no venv, data or stores), with tiny params, committed."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    root = tmp_path_factory.mktemp("repo")
+    for name in listed:
+        if (REPO / name).is_file() and not name.startswith(("data/", "dvc.lock")):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = root / "params.yaml"
+    raw = yaml.safe_load(params.read_text())
+    raw["data"].update(n_train=32, n_val=4, n_test=8, image_size=16)
+    raw["mlflow"]["experiment"] = "test-dvc"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "tiny"], root)
+    return root
+
+
+def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
+    run([sys.executable, "-m", "dvc", "repro", "prepare"], repo_copy)
+    stats = json.loads((repo_copy / "data/prepared/stats.json").read_text())
+    assert stats["n_images"] == {"train": 32, "val": 4, "test": 8}
+    assert (repo_copy / "dvc.lock").is_file()
+    assert "prepare" in yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
+    status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
+    assert "up to date" in status
+
+    run(["git", "add", "-A"], repo_copy)
+    run(["git", "commit", "-qm", "lock"], repo_copy)
+    run([sys.executable, "-m", "dvc", "exp", "run", "-S", "data.n_train=20", "-n", "small-train"], repo_copy)
+    stats = json.loads((repo_copy / "data/prepared/stats.json").read_text())
+    assert stats["n_images"]["train"] == 20
+    assert yaml.safe_load((repo_copy / "params.yaml").read_text())["data"]["n_train"] == 20
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test-dvc")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.params["data.n_train"] for r in runs] == ["32", "20"]
+    assert runs[1].data.tags.get("dvc_exp_name") == "small-train"
