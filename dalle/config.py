@@ -119,10 +119,51 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class DvaeConfig:
     downsample: int = 4
+    codebook_size: int = 512
+    hidden: int = 32
+    blocks_per_group: int = 1
+    codebook_dim: int = 128
+    recon_loss: Literal["logit_laplace", "mse", "smooth_l1"] = "mse"
+    tau_start: float = 1.0
+    tau_end: float = 0.0625
+    tau_steps: int = 800
+    hard: bool = False
+    kl_weight: float = 0.02
+    kl_warmup_steps: int = 300
+    lr: float = 2e-3
+    lr_min: float = 1e-5
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    batch_size: int = 64
+    steps: int = 1000
+    val_images: int = 500
+    log_every: int = 50
+    val_every: int = 250
+    image_every: int = 250
+    checkpoint_every: int = 250
+    resume: bool = True
+
+    # Keys that change only what is logged or saved, not the trained weights; a checkpoint may be resumed
+    # across changes to these.
+    CADENCE_KEYS = ("val_images", "log_every", "val_every", "image_every", "checkpoint_every", "resume")
 
     def __post_init__(self):
         d = self.downsample
         _check(d >= 1 and d & (d - 1) == 0, "downsample", f"must be a power of two (1, 2, 4, 8, ...), got {d}")
+        _check(self.codebook_size >= 2, "codebook_size", f"must be >= 2, got {self.codebook_size}")
+        for key in ("hidden", "blocks_per_group", "codebook_dim", "batch_size", "steps", "val_images",
+                    "log_every", "val_every", "image_every", "checkpoint_every"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.hidden % 4 == 0, "hidden", f"must be divisible by 4 (bottleneck width), got {self.hidden}")
+        _check(0 < self.tau_end <= self.tau_start, "tau_end", f"need 0 < tau_end <= tau_start, got {self.tau_end}")
+        for key in ("tau_steps", "kl_warmup_steps", "warmup_steps"):
+            _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+        _check(self.kl_weight >= 0, "kl_weight", f"must be >= 0, got {self.kl_weight}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr], got {self.lr_min}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

@@ -94,15 +94,36 @@ def run_tags(stage: str) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun]:
-    """Open the MLflow run of one stage execution, with every param logged and the standard tags set."""
+def stage_run(stage: str, params: Params, resume_file: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open the MLflow run of one stage execution, with every param logged and the standard tags set.
+
+    With ``resume_file`` (kept beside a training checkpoint), a stage resumed after a kill continues the
+    MLflow run it started instead of opening a second one; the caller deletes the file when training ends.
+    """
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(params.mlflow.experiment, uri)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=run_tags(stage)) as run:
-        mlflow.log_params({key: str(value) for key, value in params.flat().items()})
+    run_id = _resumable_run(resume_file, uri, experiment_id)
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=stage, tags=run_tags(stage)) as run:
+        if run_id is None:
+            mlflow.log_params({key: str(value) for key, value in params.flat().items()})
+        if resume_file is not None:
+            resume_file.parent.mkdir(parents=True, exist_ok=True)
+            resume_file.write_text(run.info.run_id)
         yield run
+
+
+def _resumable_run(resume_file: Path | None, uri: str, experiment_id: str) -> str | None:
+    """The run id saved beside a checkpoint, if that run exists in this store and experiment."""
+    if resume_file is None or not resume_file.is_file():
+        return None
+    run_id = resume_file.read_text().strip()
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    return run_id if run.info.experiment_id == experiment_id else None
 
 
 def flat_metrics(tree: dict, prefix: str = "") -> dict[str, float]:

@@ -40,6 +40,7 @@ def test_every_key_in_params_yaml_has_a_comment():
 def test_flat_keys_are_dvc_style():
     flat = Params().flat()
     assert flat["data.n_train"] == 10000 and flat["seed"] == 0 and flat["tokenizer.text_len"] == 32
+    assert flat["dvae.codebook_size"] == Params().dvae.codebook_size
 
 
 def _set(path: str, value):
@@ -92,6 +93,14 @@ def _delete(path: str):
         (_set("tokenizer.vocab_size", 100), "tokenizer.vocab_size", "> 256"),
         (_set("tokenizer.text_len", 0), "tokenizer.text_len", ">= 1"),
         (_set("dvae.downsample", 3), "dvae.downsample", "power of two"),
+        (_set("dvae.codebook_size", 1), "dvae.codebook_size", ">= 2"),
+        (_set("dvae.hidden", 30), "dvae.hidden", "divisible by 4"),
+        (_set("dvae.recon_loss", "l2"), "dvae.recon_loss", "one of 'logit_laplace', 'mse', 'smooth_l1'"),
+        (_set("dvae.tau_end", 2.0), "dvae.tau_end", "0 < tau_end <= tau_start"),
+        (_set("dvae.ema_decay", 1.0), "dvae.ema_decay", "[0, 1)"),
+        (_set("dvae.hard", "yes"), "dvae.hard", "true or false"),
+        (_set("dvae.steps", 0), "dvae.steps", ">= 1"),
+        (_set("dvae.lr_min", 1.0), "dvae.lr_min", "[0, lr]"),
         (_set("seed", -1), "seed", ">= 0"),
         (_set("mlflow.experiment", " "), "mlflow.experiment", "non-empty"),
     ],

@@ -1,4 +1,4 @@
-"""`dvc repro` and `dvc exp run -S` of the prepare stage in a temporary copy of the repository."""
+"""`dvc repro` and `dvc exp run -S` of the whole pipeline (tiny params) in a temporary copy of the repository."""
 
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ def repo_copy(tmp_path_factory) -> Path:
     raw = yaml.safe_load(params.read_text())
     raw["data"].update(n_train=32, n_val=4, n_test=8, image_size=16)
     raw["mlflow"]["experiment"] = "test-dvc"
+    raw["dvae"].update(codebook_size=16, hidden=8, codebook_dim=16, batch_size=8, steps=4, val_images=4,
+                       log_every=2, val_every=2, image_every=4, checkpoint_every=2)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -49,11 +51,14 @@ def repo_copy(tmp_path_factory) -> Path:
 
 
 def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
-    run([sys.executable, "-m", "dvc", "repro", "prepare"], repo_copy)
+    run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     stats = json.loads((repo_copy / "data/prepared/stats.json").read_text())
     assert stats["n_images"] == {"train": 32, "val": 4, "test": 8}
     assert (repo_copy / "dvc.lock").is_file()
-    assert "prepare" in yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]
+    assert set(yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]) == {"prepare", "train_dvae", "encode"}
+    assert (repo_copy / "models/dvae/model.safetensors").is_file()
+    assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
+    assert json.loads((repo_copy / "reports/dvae/metrics.json").read_text())["steps"] == 4
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 
@@ -66,6 +71,7 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
 
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test-dvc")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'prepare'",
+                              order_by=["attributes.start_time ASC"])
     assert [r.data.params["data.n_train"] for r in runs] == ["32", "20"]
     assert runs[1].data.tags.get("dvc_exp_name") == "small-train"

@@ -1,0 +1,181 @@
+"""The discrete VAE that turns images into a grid of tokens (Ramesh et al. 2021, §2.1 and Appendix A).
+
+Encoder and decoder follow openai/DALL-E: groups of bottleneck residual blocks whose residual branch is scaled
+by 1 / n_layers², max-pooling between encoder groups and nearest upsampling between decoder groups, and 1×1
+convolutions on both sides of the relaxation (encoder → codebook logits, soft one-hot → decoder). Training
+relaxes the discrete code with Gumbel-softmax at temperature τ; the loss is the reconstruction NLL plus β times
+KL(q(z|x) ‖ uniform), both normalised per image dimension (see ``DiscreteVAE.forward``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle.config import DvaeConfig
+from dalle.pixels import recon_nll
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 3, padding=1)),
+            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 1)),
+        ]))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_in: int, n_out: int, n_layers: int):
+        super().__init__()
+        n_hid = n_out // 4
+        self.post_gain = 1 / n_layers**2
+        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+        self.res_path = nn.Sequential(OrderedDict([
+            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 1)),
+            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
+            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 3, padding=1)),
+        ]))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.id_path(x) + self.post_gain * self.res_path(x)
+
+
+def _group_widths(cfg: DvaeConfig) -> list[int]:
+    # One group per resolution: log2(downsample) poolings separate log2(downsample) + 1 groups, widths doubling.
+    n_groups = int(math.log2(cfg.downsample)) + 1
+    return [cfg.hidden * 2**i for i in range(n_groups)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: DvaeConfig):
+        super().__init__()
+        widths = _group_widths(cfg)
+        n_layers = len(widths) * cfg.blocks_per_group
+        blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(3, widths[0], 7, padding=3))]
+        n_in = widths[0]
+        for g, width in enumerate(widths, start=1):
+            group = [(f"block_{b + 1}", EncoderBlock(n_in if b == 0 else width, width, n_layers))
+                     for b in range(cfg.blocks_per_group)]
+            if g < len(widths):
+                group.append(("pool", nn.MaxPool2d(2)))
+            blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+            n_in = width
+        blocks.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", nn.Conv2d(n_in, cfg.codebook_size, 1))]))))  # fmt: skip
+        self.blocks = nn.Sequential(OrderedDict(blocks))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.blocks(images)  # (B, K, H/d, W/d) codebook logits
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DvaeConfig):
+        super().__init__()
+        widths = _group_widths(cfg)[::-1]
+        n_layers = len(widths) * cfg.blocks_per_group
+        out_channels = 6 if cfg.recon_loss == "logit_laplace" else 3
+        # The 1×1 input conv over a (soft) one-hot code is the codebook embedding.
+        blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(cfg.codebook_size, cfg.codebook_dim, 1))]
+        n_in = cfg.codebook_dim
+        for g, width in enumerate(widths, start=1):
+            group = [(f"block_{b + 1}", DecoderBlock(n_in if b == 0 else width, width, n_layers))
+                     for b in range(cfg.blocks_per_group)]
+            if g < len(widths):
+                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+            blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+            n_in = width
+        blocks.append(("output", nn.Sequential(OrderedDict([
+            ("relu", nn.ReLU()), ("conv", nn.Conv2d(n_in, out_channels, 1))]))))  # fmt: skip
+        self.blocks = nn.Sequential(OrderedDict(blocks))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.blocks(codes)  # (B, 6 or 3, H, W)
+
+
+class DiscreteVAE(nn.Module):
+    def __init__(self, cfg: DvaeConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[2] % self.cfg.downsample or images.shape[3] % self.cfg.downsample:
+            raise ValueError(f"image side {tuple(images.shape[2:])} not divisible by downsample {self.cfg.downsample}")
+
+    def forward(self, images: torch.Tensor, tau: float, kl_weight: float) -> tuple[torch.Tensor, dict]:
+        """Relaxed ELBO loss for float images (B, 3, H, W) in [0, 1]; returns (loss, parts for logging).
+
+        Normalisation: the NLL is summed over the 3·H·W subpixels and KL over the latent positions, both
+        divided by 3·H·W, so ``loss = (NLL + β·KL) / (3·H·W)`` per image, averaged over the batch.
+        """
+        self._check_images(images)
+        logits = self.encoder(images).float()
+        soft_codes = F.gumbel_softmax(logits, tau=tau, hard=self.cfg.hard, dim=1)
+        nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(soft_codes).float(), images)
+        dims = images[0].numel()
+        log_q = F.log_softmax(logits, dim=1)
+        kl = (log_q.exp() * (log_q + math.log(self.cfg.codebook_size))).sum(dim=(1, 2, 3))  # (B,) nats
+        recon_loss = nll.mean()
+        kl_per_dim = kl.mean() / dims
+        loss = recon_loss + kl_weight * kl_per_dim
+        parts = {"recon": recon_loss.detach(), "kl": kl_per_dim.detach(), "codes": logits.argmax(1).detach(),
+                 "mse": F.mse_loss(recon.detach(), images)}
+        return loss, parts
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Float images (B, 3, H, W) in [0, 1] → token grid (B, H/d, W/d) int64 (argmax, no Gumbel noise)."""
+        self._check_images(images)
+        return self.encoder(images).argmax(dim=1)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grid (B, h, w) → images (B, 3, h·d, w·d) in [0, 1]."""
+        if tokens.ndim != 3:
+            raise ValueError(f"expected a token grid of shape (B, h, w), got {tuple(tokens.shape)}")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.codebook_size:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), got {tokens.min()}..{tokens.max()}")
+        codes = F.one_hot(tokens, self.cfg.codebook_size).permute(0, 3, 1, 2).float()
+        out = self.decoder(codes).float()
+        _, recon = recon_nll(self.cfg.recon_loss, out, torch.zeros_like(out[:, :3]))
+        return recon
+
+    @torch.no_grad()
+    def hard_elbo(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-dim NLL of the argmax code's reconstruction and KL(q ‖ uniform): what the prior will model."""
+        logits = self.encoder(images).float()
+        codes = F.one_hot(logits.argmax(1), self.cfg.codebook_size).permute(0, 3, 1, 2).float()
+        nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(codes).float(), images, noise=False)
+        log_q = F.log_softmax(logits, dim=1)
+        kl = (log_q.exp() * (log_q + math.log(self.cfg.codebook_size))).sum(dim=(1, 2, 3))
+        return {"nll": nll.mean(dim=(1, 2, 3)), "kl_per_dim": kl / images[0].numel(), "recon": recon}
+
+
+def load_dvae(directory, device: torch.device | str = "cpu") -> DiscreteVAE:
+    """Rebuild a trained dVAE from ``model.safetensors`` + ``config.json`` (as written by the train_dvae stage)."""
+    import dataclasses
+
+    from dalle.checkpoint import load_weights
+
+    state, config = load_weights(directory)
+    names = {f.name for f in dataclasses.fields(DvaeConfig)}
+    model = DiscreteVAE(DvaeConfig(**{k: v for k, v in config.items() if k in names}))
+    model.load_state_dict(state)
+    return model.to(device).eval()

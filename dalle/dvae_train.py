@@ -1,0 +1,223 @@
+"""Training loop of the dVAE (Ramesh et al. 2021, Appendix A.2): AdamW, cosine LR, cosine τ and β schedules,
+EMA weights, atomic checkpoints with exact resume. Knows nothing of trackers: logging hooks in via callbacks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint, save_checkpoint
+from dalle.config import DvaeConfig
+from dalle.dvae import DiscreteVAE
+from dalle.ema import Ema
+from dalle.pixels import bits_per_dim
+from dalle.schedules import cosine, warmup_cosine
+
+
+WINDOW_KEYS = ("loss", "recon", "kl", "mse", "n")
+
+
+class Callbacks:
+    """Override what you need; the trainer calls these with plain floats and uint8 arrays."""
+
+    def on_train_log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_images(self, step: int, grid: np.ndarray) -> None: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_float_images(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1] on ``device``."""
+    return torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of training batch ``step``: epochs of seeded permutations, a pure function of the step so that
+    a resumed run sees exactly the batches an uninterrupted one would."""
+    per_epoch = max(n_items // batch_size, 1)
+    epoch, position = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return np.sort(perm[position * batch_size : (position + 1) * batch_size])  # sorted: sequential memmap reads
+
+
+def resume_config(cfg: DvaeConfig, seed: int, data_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
+    config = {f"dvae.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in DvaeConfig.CADENCE_KEYS}
+    return {**config, "seed": seed, "data": data_fingerprint}
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: DiscreteVAE  # the EMA weights
+    final: dict[str, float]  # validation metrics of the EMA model at the end
+    history: list[dict[str, float]]  # training rows every log_every steps
+    val_history: list[dict[str, float]]  # validation rows every val_every steps
+
+
+def train_dvae(
+    cfg: DvaeConfig,
+    seed: int,
+    train_images: np.ndarray,
+    val_images: np.ndarray,
+    checkpoint_path: Path | None = None,
+    data_fingerprint: str = "",
+    callbacks: Callbacks | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train on uint8 (N, S, S, 3) arrays (memory-mapped is fine)."""
+    callbacks = callbacks or Callbacks()
+    device = device or default_device()
+    torch.manual_seed(seed)
+    model = DiscreteVAE(cfg).to(device)
+    ema = Ema(model, cfg.ema_decay)
+    decay, no_decay = [], []
+    for param in model.parameters():  # no weight decay on biases
+        (decay if param.ndim > 1 else no_decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+    )
+    config = resume_config(cfg, seed, data_fingerprint)
+    step, history, val_history = 0, [], []
+    usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)  # codes seen this log window
+    window = dict.fromkeys(WINDOW_KEYS, 0.0)  # sums of loss parts this log window
+    if checkpoint_path is not None and checkpoint_path.is_file() and cfg.resume:
+        state = load_checkpoint(checkpoint_path)
+        diff = config_diff(state["config"], config)
+        if diff:
+            raise CheckpointMismatch(
+                f"checkpoint {checkpoint_path} was made with a different config: {'; '.join(diff)}. "
+                "Restore those values, or set dvae.resume: false to start fresh."
+            )
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, val_history = state["step"], state["history"], state["val_history"]
+        usage.copy_(state["usage"])
+        window = state["window"]
+        torch.set_rng_state(state["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+
+    def checkpoint() -> None:
+        if checkpoint_path is None:
+            return
+        state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "step": step, "history": history, "val_history": val_history, "config": config,
+                 "usage": usage, "window": window, "rng_cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(checkpoint_path, state)
+
+    progress = tqdm(total=cfg.steps, initial=step, desc="train_dvae", unit="step")
+    model.train()
+    while step < cfg.steps:
+        tau = cosine(step, cfg.tau_steps, cfg.tau_start, cfg.tau_end)
+        beta = cosine(step, cfg.kl_warmup_steps, 0.0, cfg.kl_weight)
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = to_float_images(train_images[batch_indices(step, len(train_images), cfg.batch_size, seed)], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, parts = model(images, tau=tau, kl_weight=beta)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite dVAE loss at step {step}: loss={loss.item()}, recon={parts['recon'].item()}, "
+                f"kl={parts['kl'].item()}; the last good checkpoint is kept at {checkpoint_path}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model, step)
+        step += 1
+
+        usage += torch.bincount(parts["codes"].flatten(), minlength=cfg.codebook_size)
+        for key in ("recon", "kl", "mse"):
+            window[key] += parts[key].item()
+        window["loss"] += loss.item()
+        window["n"] += 1.0
+        progress.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            n = window.pop("n")
+            row = {"step": step, **{k: v / n for k, v in window.items()}, "tau": tau, "beta": beta, "lr": lr,
+                   **codebook_usage(usage)}
+            window = dict.fromkeys(WINDOW_KEYS, 0.0)
+            history.append(row)
+            callbacks.on_train_log(step, {k: v for k, v in row.items() if k != "step"})
+            progress.set_postfix(loss=f"{row['loss']:.4f}", mse=f"{row['mse']:.4f}", ppl=f"{row['perplexity']:.0f}")
+            usage.zero_()
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            metrics = evaluate(ema.model, val_images[: cfg.val_images], device)
+            val_history.append({"step": step, **metrics})
+            callbacks.on_validation(step, metrics)
+            model.train()
+        if step % cfg.image_every == 0 or step == cfg.steps:
+            callbacks.on_images(step, reconstruction_grid(ema.model, val_images[:16], device))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    progress.close()
+    return TrainResult(ema.model, {k: v for k, v in val_history[-1].items() if k != "step"}, history, val_history)
+
+
+def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
+    """Perplexity exp(H) of code frequencies, fraction of codes used, and dead (unused) codes."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
+    used = int((counts > 0).sum().item())
+    return {"perplexity": math.exp(entropy), "used_fraction": used / len(counts), "dead_codes": len(counts) - used}
+
+
+@torch.no_grad()
+def evaluate(model: DiscreteVAE, images: np.ndarray, device: torch.device, batch_size: int = 250) -> dict[str, float]:
+    """Validation with argmax codes (what the prior sees): MSE, PSNR, bits/dim, code usage."""
+    model.eval()
+    sums = {"mse": 0.0, "nll": 0.0, "kl": 0.0}
+    counts = torch.zeros(model.cfg.codebook_size, dtype=torch.long, device=device)
+    for start in range(0, len(images), batch_size):
+        batch = to_float_images(images[start : start + batch_size], device)
+        out = model.hard_elbo(batch)
+        sums["mse"] += ((out["recon"] - batch) ** 2).mean(dim=(1, 2, 3)).sum().item()
+        sums["nll"] += out["nll"].sum().item()
+        sums["kl"] += out["kl_per_dim"].sum().item()
+        counts += torch.bincount(model.encode(batch).flatten(), minlength=model.cfg.codebook_size)
+    n = len(images)
+    mse = sums["mse"] / n
+    metrics = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12)), "val_kl": sums["kl"] / n}
+    if model.cfg.recon_loss == "logit_laplace":
+        metrics["val_bits_per_dim"] = bits_per_dim(sums["nll"] / n, sums["kl"] / n)
+    usage = codebook_usage(counts)
+    metrics.update({f"val_{k}": v for k, v in usage.items()})
+    return metrics
+
+
+@torch.no_grad()
+def reconstruct(model: DiscreteVAE, images: np.ndarray, device: torch.device, batch_size: int = 250) -> np.ndarray:
+    """uint8 (N, S, S, 3) → uint8 decode(encode(x)), what the prior's tokens can at best give back."""
+    model.eval()
+    out = np.empty(images.shape, dtype=np.uint8)
+    for start in range(0, len(images), batch_size):
+        recon = model.decode(model.encode(to_float_images(images[start : start + batch_size], device)))
+        out[start : start + len(recon)] = (recon.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def reconstruction_grid(model: DiscreteVAE, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """uint8 image: originals on the top row, reconstructions of their argmax codes below."""
+    model.eval()
+    batch = to_float_images(images, device)
+    recon = model.decode(model.encode(batch))
+    rows = [torch.cat(list(t.permute(0, 2, 3, 1)), dim=1) for t in (batch, recon)]
+    return (torch.cat(rows, dim=0).clamp(0, 1) * 255).round().byte().cpu().numpy()
