@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,8 +36,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Keys whose values differ (or exist on one side only), as ``key: saved -> current`` lines."""
     keys = sorted(set(saved) | set(current))
-    return [f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}" for k in keys
-            if saved.get(k, "<absent>") != current.get(k, "<absent>")]
+    return [
+        f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k, "<absent>") != current.get(k, "<absent>")
+    ]
 
 
 def save_weights(model: torch.nn.Module, directory: str | Path, config: Mapping[str, Any]) -> None:

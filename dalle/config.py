@@ -13,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -89,9 +90,7 @@ class DataConfig:
         for colour, shape in self.holdout_pairs:
             _check(colour in COLOURS, "holdout_pairs", f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
             _check(shape in SHAPES, "holdout_pairs", f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-        _check(
-            len(set(self.holdout_pairs)) == len(self.holdout_pairs), "holdout_pairs", "lists a pair twice"
-        )
+        _check(len(set(self.holdout_pairs)) == len(self.holdout_pairs), "holdout_pairs", "lists a pair twice")
         _check(
             len(self.holdout_pairs) < len(COLOURS) * len(SHAPES),
             "holdout_pairs",
@@ -152,11 +151,25 @@ class DvaeConfig:
         d = self.downsample
         _check(d >= 1 and d & (d - 1) == 0, "downsample", f"must be a power of two (1, 2, 4, 8, ...), got {d}")
         _check(self.codebook_size >= 2, "codebook_size", f"must be >= 2, got {self.codebook_size}")
-        for key in ("hidden", "blocks_per_group", "codebook_dim", "batch_size", "steps", "val_images",
-                    "log_every", "val_every", "image_every", "checkpoint_every"):
+        for key in (
+            "hidden",
+            "blocks_per_group",
+            "codebook_dim",
+            "batch_size",
+            "steps",
+            "val_images",
+            "log_every",
+            "val_every",
+            "image_every",
+            "checkpoint_every",
+        ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(self.hidden % 4 == 0, "hidden", f"must be divisible by 4 (bottleneck width), got {self.hidden}")
-        _check(0 < self.tau_end <= self.tau_start, "tau_end", f"need 0 < tau_end <= tau_start, got {self.tau_end}")
+        _check(
+            0 < self.tau_end <= self.tau_start,
+            "tau_end",
+            f"need 0 < tau_end <= tau_start, got {self.tau_end}",
+        )
         for key in ("tau_steps", "kl_warmup_steps", "warmup_steps"):
             _check(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
         _check(self.kl_weight >= 0, "kl_weight", f"must be >= 0, got {self.kl_weight}")

@@ -20,38 +20,30 @@ from dalle.config import DvaeConfig
 from dalle.pixels import recon_nll
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
+class BottleneckBlock(nn.Module):
+    """id_path(x) + res_path(x) / n_layers²; the residual branch narrows to n_out / 4 channels.
+
+    Encoder blocks use kernels (3, 3, 3, 1), decoder blocks (1, 3, 3, 3), as in openai/DALL-E.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = 1 / n_layers**2
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 3, padding=1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 1)),
-        ]))  # fmt: skip
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = []
+        for i, k in enumerate(kernels, start=1):
+            conv = nn.Conv2d(widths[i - 1], widths[i], k, padding=k // 2)
+            layers += [(f"relu_{i}", nn.ReLU()), (f"conv_{i}", conv)]
+        self.res_path = nn.Sequential(OrderedDict(layers))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = 1 / n_layers**2
-        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 3, padding=1)),
-        ]))  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+ENCODER_KERNELS = (3, 3, 3, 1)
+DECODER_KERNELS = (1, 3, 3, 3)
 
 
 def _group_widths(cfg: DvaeConfig) -> list[int]:
@@ -68,8 +60,13 @@ class Encoder(nn.Module):
         blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(3, widths[0], 7, padding=3))]
         n_in = widths[0]
         for g, width in enumerate(widths, start=1):
-            group = [(f"block_{b + 1}", EncoderBlock(n_in if b == 0 else width, width, n_layers))
-                     for b in range(cfg.blocks_per_group)]
+            group = [
+                (
+                    f"block_{b + 1}",
+                    BottleneckBlock(n_in if b == 0 else width, width, n_layers, ENCODER_KERNELS),
+                )
+                for b in range(cfg.blocks_per_group)
+            ]
             if g < len(widths):
                 group.append(("pool", nn.MaxPool2d(2)))
             blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
@@ -92,8 +89,13 @@ class Decoder(nn.Module):
         blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(cfg.codebook_size, cfg.codebook_dim, 1))]
         n_in = cfg.codebook_dim
         for g, width in enumerate(widths, start=1):
-            group = [(f"block_{b + 1}", DecoderBlock(n_in if b == 0 else width, width, n_layers))
-                     for b in range(cfg.blocks_per_group)]
+            group = [
+                (
+                    f"block_{b + 1}",
+                    BottleneckBlock(n_in if b == 0 else width, width, n_layers, DECODER_KERNELS),
+                )
+                for b in range(cfg.blocks_per_group)
+            ]
             if g < len(widths):
                 group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
             blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
@@ -135,8 +137,12 @@ class DiscreteVAE(nn.Module):
         recon_loss = nll.mean()
         kl_per_dim = kl.mean() / dims
         loss = recon_loss + kl_weight * kl_per_dim
-        parts = {"recon": recon_loss.detach(), "kl": kl_per_dim.detach(), "codes": logits.argmax(1).detach(),
-                 "mse": F.mse_loss(recon.detach(), images)}
+        parts = {
+            "recon": recon_loss.detach(),
+            "kl": kl_per_dim.detach(),
+            "codes": logits.argmax(1).detach(),
+            "mse": F.mse_loss(recon.detach(), images),
+        }
         return loss, parts
 
     @torch.no_grad()
@@ -165,7 +171,12 @@ class DiscreteVAE(nn.Module):
         nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(codes).float(), images, noise=False)
         log_q = F.log_softmax(logits, dim=1)
         kl = (log_q.exp() * (log_q + math.log(self.cfg.codebook_size))).sum(dim=(1, 2, 3))
-        return {"nll": nll.mean(dim=(1, 2, 3)), "kl_per_dim": kl / images[0].numel(), "recon": recon}
+        return {
+            "nll": nll.mean(dim=(1, 2, 3)),
+            "kl_per_dim": kl / images[0].numel(),
+            "recon": recon,
+            "codes": logits.argmax(1),
+        }
 
 
 def load_dvae(directory, device: torch.device | str = "cpu") -> DiscreteVAE:

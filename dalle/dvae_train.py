@@ -17,9 +17,8 @@ from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint, s
 from dalle.config import DvaeConfig
 from dalle.dvae import DiscreteVAE
 from dalle.ema import Ema
-from dalle.pixels import bits_per_dim
+from dalle.pixels import bits_per_dim, unit_interval_nll
 from dalle.schedules import cosine, warmup_cosine
-
 
 WINDOW_KEYS = ("loss", "recon", "kl", "mse", "n")
 
@@ -87,7 +86,9 @@ def train_dvae(
         (decay if param.ndim > 1 else no_decay).append(param)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+        lr=cfg.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
     )
     config = resume_config(cfg, seed, data_fingerprint)
     step, history, val_history = 0, [], []
@@ -114,9 +115,18 @@ def train_dvae(
     def checkpoint() -> None:
         if checkpoint_path is None:
             return
-        state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "step": step, "history": history, "val_history": val_history, "config": config,
-                 "usage": usage, "window": window, "rng_cpu": torch.get_rng_state()}
+        state = {
+            "model": model.state_dict(),
+            "ema": ema.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "history": history,
+            "val_history": val_history,
+            "config": config,
+            "usage": usage,
+            "window": window,
+            "rng_cpu": torch.get_rng_state(),
+        }
         if device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(checkpoint_path, state)
@@ -151,8 +161,14 @@ def train_dvae(
         progress.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
             n = window.pop("n")
-            row = {"step": step, **{k: v / n for k, v in window.items()}, "tau": tau, "beta": beta, "lr": lr,
-                   **codebook_usage(usage)}
+            row = {
+                "step": step,
+                **{k: v / n for k, v in window.items()},
+                "tau": tau,
+                "beta": beta,
+                "lr": lr,
+                **codebook_usage(usage),
+            }
             window = dict.fromkeys(WINDOW_KEYS, 0.0)
             history.append(row)
             callbacks.on_train_log(step, {k: v for k, v in row.items() if k != "step"})
@@ -176,7 +192,11 @@ def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
     p = counts.double() / counts.sum().clamp_min(1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     used = int((counts > 0).sum().item())
-    return {"perplexity": math.exp(entropy), "used_fraction": used / len(counts), "dead_codes": len(counts) - used}
+    return {
+        "perplexity": math.exp(entropy),
+        "used_fraction": used / len(counts),
+        "dead_codes": len(counts) - used,
+    }
 
 
 @torch.no_grad()
@@ -191,12 +211,12 @@ def evaluate(model: DiscreteVAE, images: np.ndarray, device: torch.device, batch
         sums["mse"] += ((out["recon"] - batch) ** 2).mean(dim=(1, 2, 3)).sum().item()
         sums["nll"] += out["nll"].sum().item()
         sums["kl"] += out["kl_per_dim"].sum().item()
-        counts += torch.bincount(model.encode(batch).flatten(), minlength=model.cfg.codebook_size)
+        counts += torch.bincount(out["codes"].flatten(), minlength=model.cfg.codebook_size)
     n = len(images)
     mse = sums["mse"] / n
     metrics = {"val_mse": mse, "val_psnr": 10 * math.log10(1 / max(mse, 1e-12)), "val_kl": sums["kl"] / n}
-    if model.cfg.recon_loss == "logit_laplace":
-        metrics["val_bits_per_dim"] = bits_per_dim(sums["nll"] / n, sums["kl"] / n)
+    nll = unit_interval_nll(model.cfg.recon_loss, sums["nll"] / n, mse)
+    metrics["val_bits_per_dim"] = bits_per_dim(nll, sums["kl"] / n)
     usage = codebook_usage(counts)
     metrics.update({f"val_{k}": v for k, v in usage.items()})
     return metrics

@@ -70,11 +70,19 @@ def recon_nll(
     raise ValueError(f"unknown recon_loss {kind!r}; expected logit_laplace, mse or smooth_l1")
 
 
-def bits_per_dim(nll_mapped_nats: float, kl_nats_per_dim: float, eps: float = LOGIT_LAPLACE_EPS) -> float:
-    """Negative ELBO in bits per 8-bit subpixel from a per-dim logit-Laplace NLL on mapped pixels.
+def unit_interval_nll(kind: str, mean_nll: float, mse: float, eps: float = LOGIT_LAPLACE_EPS) -> float:
+    """Per-dim NLL in nats of a pixel density on [0, 1], from the validation NLL (logit-Laplace) or MSE.
 
-    The density on [0, 1] is the mapped one times the Jacobian (1 − 2ε); on dequantised pixels, the
-    probability of an 8-bit value is bounded below by density × bin width 1/256, hence + log2(256) = 8 bits.
+    logit-Laplace: the loss is a density on mapped pixels; on [0, 1] it is that times the Jacobian (1 − 2ε).
+    mse / smooth_l1 define no density; we report the Gaussian decoder with σ² fitted to the MSE,
+    ½ ln(2πe σ²), so runs with different losses share one (upper-bound) scale.
     """
-    nll_unit = nll_mapped_nats - math.log(1 - 2 * eps)
-    return (nll_unit + kl_nats_per_dim) / math.log(2) + 8.0
+    if kind == "logit_laplace":
+        return mean_nll - math.log(1 - 2 * eps)
+    return 0.5 * math.log(2 * math.pi * math.e * max(mse, 1e-12))
+
+
+def bits_per_dim(nll_nats: float, kl_nats_per_dim: float) -> float:
+    """Negative ELBO in bits per 8-bit subpixel: on dequantised pixels an 8-bit value has probability
+    ≥ density × bin width 1/256, hence + log2(256) = 8 bits."""
+    return (nll_nats + kl_nats_per_dim) / math.log(2) + 8.0

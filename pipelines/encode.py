@@ -42,8 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("encode", params):
         tmp = args.out.with_name(f".{args.out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        counts = {split: encode_split(model, tokenizer, load_split(args.prepared, split), params.tokenizer.text_len,
-                                      tmp / split, desc=f"encode {split}") for split in SPLITS}
+        counts = {
+            split: encode_split(
+                model,
+                tokenizer,
+                load_split(args.prepared, split),
+                params.tokenizer.text_len,
+                tmp / split,
+                desc=f"encode {split}",
+            )
+            for split in SPLITS
+        }
         train_tokens = np.load(tmp / "train" / "image_tokens.npy")
         usage = np.bincount(train_tokens.ravel().astype(np.int64), minlength=model.cfg.codebook_size)
         shutil.rmtree(args.out, ignore_errors=True)
@@ -56,12 +65,13 @@ def main(argv: list[str] | None = None) -> None:
         args.reports.mkdir(parents=True, exist_ok=True)
         (args.reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         ranked = np.sort(usage)[::-1]
-        write_csv(args.reports / "codebook_usage.csv",
-                  [{"rank": i, "count": int(c)} for i, c in enumerate(ranked)])
+        write_csv(args.reports / "codebook_usage.csv", [{"rank": i, "count": int(c)} for i, c in enumerate(ranked)])
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not isinstance(v, dict)})
         mlflow.log_artifact(str(args.reports / "codebook_usage.csv"))
-    print(f"encoded {sum(c['captions'] for c in counts.values())} captions; "
-          f"{metrics['train_used_fraction']:.0%} of codes used on train (perplexity {metrics['train_perplexity']:.0f})")
+    print(
+        f"encoded {sum(c['captions'] for c in counts.values())} captions; "
+        f"{metrics['train_used_fraction']:.0%} of codes used on train (perplexity {metrics['train_perplexity']:.0f})"
+    )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from dalle.checkpoint import save_weights
-from dalle.data.store import STATS_FILE, load_split
 from dalle.data.judge import attribute_accuracy
+from dalle.data.store import STATS_FILE, load_split
 from dalle.dvae_train import Callbacks, default_device, reconstruct, train_dvae
 from pipelines.params import load_params
 from pipelines.tracking import stage_run
@@ -91,14 +91,26 @@ def main(argv: list[str] | None = None) -> None:
     run_id_file = args.checkpoint.with_name("mlflow_run_id")
     with stage_run("train_dvae", params, resume_file=run_id_file) as run:
         started = time.monotonic()
-        result = train_dvae(cfg, params.seed, train.images, val.images, args.checkpoint,
-                            data_fingerprint(args.prepared), MlflowCallbacks())
+        result = train_dvae(
+            cfg,
+            params.seed,
+            train.images,
+            val.images,
+            args.checkpoint,
+            data_fingerprint(args.prepared),
+            MlflowCallbacks(),
+        )
         seconds = time.monotonic() - started
         save_weights(result.model, args.models, {**dataclasses.asdict(cfg), "image_size": params.data.image_size})
         attributes = reconstruction_attributes(result.model, args.prepared)
         mlflow.log_metrics(attributes)
-        metrics = {**result.final, **attributes, "steps": cfg.steps, "train_seconds_this_run": round(seconds, 1),
-                   "parameters": sum(p.numel() for p in result.model.parameters())}
+        metrics = {
+            **result.final,
+            **attributes,
+            "steps": cfg.steps,
+            "train_seconds_this_run": round(seconds, 1),
+            "parameters": sum(p.numel() for p in result.model.parameters()),
+        }
         args.reports.mkdir(parents=True, exist_ok=True)
         (args.reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         write_csv(args.reports / "history.csv", result.history)
@@ -110,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     # Finished: the checkpoint has served its purpose; a later run with other params starts fresh.
     args.checkpoint.unlink(missing_ok=True)
     run_id_file.unlink(missing_ok=True)
-    print(f"dVAE: val PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_used_fraction']:.0%} codes used, "
-          f"{seconds:.0f} s; MLflow run {run.info.run_id}")
+    print(
+        f"dVAE: val PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_used_fraction']:.0%} codes used, "
+        f"{seconds:.0f} s; MLflow run {run.info.run_id}"
+    )
 
 
 if __name__ == "__main__":

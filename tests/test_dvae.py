@@ -20,9 +20,22 @@ from dalle.dvae_train import Callbacks, batch_indices, evaluate, train_dvae
 from dalle.pixels import LOGIT_LAPLACE_EPS, logit_laplace_nll, map_pixels, unmap_pixels
 from dalle.schedules import cosine, warmup_cosine
 
-TINY = DvaeConfig(downsample=4, codebook_size=16, hidden=8, codebook_dim=16, batch_size=8, steps=12,
-                  tau_steps=8, kl_warmup_steps=4, warmup_steps=2, val_images=8, log_every=2, val_every=4,
-                  image_every=6, checkpoint_every=4)
+TINY = DvaeConfig(
+    downsample=4,
+    codebook_size=16,
+    hidden=8,
+    codebook_dim=16,
+    batch_size=8,
+    steps=12,
+    tau_steps=8,
+    kl_warmup_steps=4,
+    warmup_steps=2,
+    val_images=8,
+    log_every=2,
+    val_every=4,
+    image_every=6,
+    checkpoint_every=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +57,35 @@ def test_map_unmap_round_trip_and_range():
 def test_logit_laplace_nll_matches_direct_formula_and_normalises():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(500, generator=gen, dtype=torch.float64) * 0.98 + 0.01
-    mu, log_b = torch.randn(500, generator=gen, dtype=torch.float64), torch.randn(500, generator=gen, dtype=torch.float64) * 0.5
+    mu, log_b = (
+        torch.randn(500, generator=gen, dtype=torch.float64),
+        torch.randn(500, generator=gen, dtype=torch.float64) * 0.5,
+    )
     b = log_b.exp()
     density = torch.exp(-torch.abs(torch.log(x / (1 - x)) - mu) / b) / (2 * b * x * (1 - x))
     assert torch.allclose(logit_laplace_nll(x, mu, log_b), -torch.log(density), rtol=1e-10)
 
     def pdf(value: float, m: float = 0.3, lb: float = -0.4) -> float:
-        return math.exp(-logit_laplace_nll(torch.tensor(value, dtype=torch.float64), torch.tensor(m), torch.tensor(lb)).item())
+        return math.exp(
+            -logit_laplace_nll(torch.tensor(value, dtype=torch.float64), torch.tensor(m), torch.tensor(lb)).item()
+        )
 
     total, _ = integrate.quad(pdf, 0, 1, points=[1 / (1 + math.exp(-0.3))], limit=200)
     assert total == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bits_per_dim_scales():
+    from scipy import stats
+
+    from dalle.pixels import bits_per_dim, unit_interval_nll
+
+    # MSE runs report the Gaussian decoder with sigma^2 = MSE: its differential entropy.
+    assert unit_interval_nll("mse", float("nan"), 0.01) == pytest.approx(stats.norm(scale=0.1).entropy())
+    # logit-Laplace: density on mapped pixels -> density on [0, 1] via the Jacobian 1 - 2 eps.
+    assert unit_interval_nll("logit_laplace", -1.0, 0.5) == pytest.approx(-1.0 - math.log(0.8))
+    # A uniform density on [0, 1] with no KL costs exactly 8 bits per subpixel.
+    assert bits_per_dim(0.0, 0.0) == 8.0
+    assert bits_per_dim(math.log(2), 0.0) == pytest.approx(9.0)
 
 
 def test_schedules_hit_their_end_points():
@@ -105,8 +137,9 @@ def test_batches_are_a_function_of_the_step():
 
 def test_tiny_training_reduces_the_loss(shapes16):
     train, val = shapes16
-    cfg = dataclasses.replace(TINY, steps=60, log_every=10, val_every=60, image_every=60, tau_steps=40,
-                              kl_warmup_steps=20, lr=3e-3)
+    cfg = dataclasses.replace(
+        TINY, steps=60, log_every=10, val_every=60, image_every=60, tau_steps=40, kl_warmup_steps=20, lr=3e-3
+    )
     result = train_dvae(cfg, 0, train, val)
     losses = [row["loss"] for row in result.history]
     assert losses[-1] < losses[0] - 0.5, losses

@@ -21,9 +21,22 @@ def tiny_params(tmp_path: Path, experiment: str, **dvae) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["mlflow"]["experiment"] = experiment
     raw["data"].update(n_train=48, n_val=8, n_test=8, image_size=16)
-    raw["dvae"].update(codebook_size=16, hidden=8, codebook_dim=16, batch_size=8, steps=8, tau_steps=4,
-                       kl_warmup_steps=4, warmup_steps=2, val_images=8, log_every=2, val_every=4, image_every=4,
-                       checkpoint_every=2, **dvae)
+    raw["dvae"].update(
+        codebook_size=16,
+        hidden=8,
+        codebook_dim=16,
+        batch_size=8,
+        steps=8,
+        tau_steps=4,
+        kl_warmup_steps=4,
+        warmup_steps=2,
+        val_images=8,
+        log_every=2,
+        val_every=4,
+        image_every=4,
+        checkpoint_every=2,
+        **dvae,
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -37,8 +50,18 @@ def prepared(tmp_path_factory) -> Path:
 
 
 def stage_args(tmp_path: Path, params: Path, prepared: Path) -> list[str]:
-    return ["--params", str(params), "--prepared", str(prepared), "--models", str(tmp_path / "models"),
-            "--reports", str(tmp_path / "reports"), "--checkpoint", str(tmp_path / "ckpt" / "last.pt")]
+    return [
+        "--params",
+        str(params),
+        "--prepared",
+        str(prepared),
+        "--models",
+        str(tmp_path / "models"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--checkpoint",
+        str(tmp_path / "ckpt" / "last.pt"),
+    ]
 
 
 def test_train_dvae_then_encode(tmp_path, prepared, mlflow_store):
@@ -62,8 +85,20 @@ def test_train_dvae_then_encode(tmp_path, prepared, mlflow_store):
     assert {"metrics.json", "history.csv", "model", "images"} <= artifacts
     assert client.list_artifacts(run.info.run_id, "images"), "reconstruction grids are logged with log_image"
 
-    encode.main(["--params", str(params), "--prepared", str(prepared), "--models", str(tmp_path / "models"),
-                 "--out", str(tmp_path / "tokens"), "--reports", str(tmp_path / "enc")])
+    encode.main(
+        [
+            "--params",
+            str(params),
+            "--prepared",
+            str(prepared),
+            "--models",
+            str(tmp_path / "models"),
+            "--out",
+            str(tmp_path / "tokens"),
+            "--reports",
+            str(tmp_path / "enc"),
+        ]
+    )
     tokens = load_tokens(tmp_path / "tokens", "train")
     assert tokens.image_tokens.shape == (48, 4, 4) and tokens.image_tokens.dtype == np.uint16
     assert int(tokens.image_tokens.max()) < 16
@@ -99,8 +134,11 @@ def test_stage_resumes_after_a_kill_into_the_same_mlflow_run(tmp_path, prepared,
 
 def test_refuses_a_changed_config_after_a_kill(tmp_path, prepared, monkeypatch):
     params = tiny_params(tmp_path, "test-dvae-mismatch")
-    monkeypatch.setattr(train_dvae.MlflowCallbacks, "on_train_log",
-                        lambda self, step, metrics: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    monkeypatch.setattr(
+        train_dvae.MlflowCallbacks,
+        "on_train_log",
+        lambda self, step, metrics: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None,
+    )
     with pytest.raises(KeyboardInterrupt):
         train_dvae.main(stage_args(tmp_path, params, prepared))
     monkeypatch.undo()
@@ -111,5 +149,17 @@ def test_refuses_a_changed_config_after_a_kill(tmp_path, prepared, monkeypatch):
 
 def test_encode_without_a_model_names_the_stage(tmp_path, prepared):
     with pytest.raises(FileNotFoundError, match="run the train_dvae stage first"):
-        encode.main(["--params", str(tiny_params(tmp_path, "x")), "--prepared", str(prepared),
-                     "--models", str(tmp_path / "none"), "--out", str(tmp_path / "t"), "--reports", str(tmp_path / "r")])
+        encode.main(
+            [
+                "--params",
+                str(tiny_params(tmp_path, "x")),
+                "--prepared",
+                str(prepared),
+                "--models",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "t"),
+                "--reports",
+                str(tmp_path / "r"),
+            ]
+        )

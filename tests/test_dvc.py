@@ -19,9 +19,15 @@ pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
 def run(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
@@ -30,8 +36,13 @@ def run(args: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
     """The repository's tracked and new files (no venv, data or stores), with tiny params, committed."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     root = tmp_path_factory.mktemp("repo")
     for name in listed:
         if (REPO / name).is_file() and not name.startswith(("data/", "dvc.lock")):
@@ -41,8 +52,18 @@ def repo_copy(tmp_path_factory) -> Path:
     raw = yaml.safe_load(params.read_text())
     raw["data"].update(n_train=32, n_val=4, n_test=8, image_size=16)
     raw["mlflow"]["experiment"] = "test-dvc"
-    raw["dvae"].update(codebook_size=16, hidden=8, codebook_dim=16, batch_size=8, steps=4, val_images=4,
-                       log_every=2, val_every=2, image_every=4, checkpoint_every=2)
+    raw["dvae"].update(
+        codebook_size=16,
+        hidden=8,
+        codebook_dim=16,
+        batch_size=8,
+        steps=4,
+        val_images=4,
+        log_every=2,
+        val_every=2,
+        image_every=4,
+        checkpoint_every=2,
+    )
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -55,7 +76,11 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     stats = json.loads((repo_copy / "data/prepared/stats.json").read_text())
     assert stats["n_images"] == {"train": 32, "val": 4, "test": 8}
     assert (repo_copy / "dvc.lock").is_file()
-    assert set(yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]) == {"prepare", "train_dvae", "encode"}
+    assert set(yaml.safe_load((repo_copy / "dvc.lock").read_text())["stages"]) == {
+        "prepare",
+        "train_dvae",
+        "encode",
+    }
     assert (repo_copy / "models/dvae/model.safetensors").is_file()
     assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
     assert json.loads((repo_copy / "reports/dvae/metrics.json").read_text())["steps"] == 4
@@ -71,7 +96,8 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
 
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test-dvc")
-    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'prepare'",
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.stage = 'prepare'", order_by=["attributes.start_time ASC"]
+    )
     assert [r.data.params["data.n_train"] for r in runs] == ["32", "20"]
     assert runs[1].data.tags.get("dvc_exp_name") == "small-train"

@@ -23,8 +23,11 @@ def shapes(request):
 
 @pytest.fixture(scope="module")
 def shapes32():
-    pairs = [pair for split in ("train", "test") for pair in
-             iter_shapes(dataclasses.replace(CFG, image_size=32), 1, split, N_PER_SPLIT)]
+    pairs = [
+        pair
+        for split in ("train", "test")
+        for pair in iter_shapes(dataclasses.replace(CFG, image_size=32), 1, split, N_PER_SPLIT)
+    ]
     return [image for image, _ in pairs], [record for _, record in pairs]
 
 
@@ -56,8 +59,13 @@ def test_degraded_renders_still_read(shapes32):
 def test_matches_compares_each_attribute():
     record = {"colour": "red", "shape": "circle", "size": "small", "position": "top"}
     judged = Judgement("red", "square", "small", "top")
-    assert judged.matches(record) == {"colour": True, "shape": False, "size": True, "position": True,
-                                      "all": False}
+    assert judged.matches(record) == {
+        "colour": True,
+        "shape": False,
+        "size": True,
+        "position": True,
+        "all": False,
+    }
     assert Judgement("red", "circle", "small", "top").matches(record)["all"]
 
 
@@ -72,8 +80,13 @@ def test_wrong_colour_is_caught(shapes32):
         recoloured = np.rint(coverage * np.array(COLOURS[other])).astype(np.uint8)
         judged = judge(recoloured)
         assert judged.colour == other
-        assert judged.matches(record) == {"colour": False, "shape": True, "size": True, "position": True,
-                                          "all": False}
+        assert judged.matches(record) == {
+            "colour": False,
+            "shape": True,
+            "size": True,
+            "position": True,
+            "all": False,
+        }
 
 
 @pytest.mark.parametrize("size", ["small", "large"])
@@ -83,11 +96,16 @@ def test_square_where_the_record_says_circle_is_caught(shapes32, size):
     image, record = images[index], records[index]
     rows, cols = np.nonzero(image.any(axis=-1))
     square = np.zeros_like(image)
-    square[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1] = COLOURS[record["colour"]]
+    square[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = COLOURS[record["colour"]]
     judged = judge(square)
     assert judged.shape == "square"
-    assert judged.matches(record) == {"colour": True, "shape": False, "size": True, "position": True,
-                                      "all": False}
+    assert judged.matches(record) == {
+        "colour": True,
+        "shape": False,
+        "size": True,
+        "position": True,
+        "all": False,
+    }
 
 
 def test_moved_object_is_caught(shapes32):
@@ -100,8 +118,13 @@ def test_moved_object_is_caught(shapes32):
         # A left-column object moved a third of the canvas right lands in the middle column, still whole.
         judged = judge(np.roll(image, image.shape[1] // 3 + 1, axis=1))
         assert POSITIONS[judged.position] == (row, 1)
-        assert judged.matches(record) == {"colour": True, "shape": True, "size": True, "position": False,
-                                          "all": False}
+        assert judged.matches(record) == {
+            "colour": True,
+            "shape": True,
+            "size": True,
+            "position": False,
+            "all": False,
+        }
         moved += 1
     assert moved >= 100
 

@@ -109,6 +109,7 @@ def test_stage_logs_an_mlflow_run_with_params_tags_and_contact_sheet(tmp_path, m
     assert run.data.metrics["n_images.train"] == 24.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"contact_sheet.png", "stats.json"} <= artifacts
-    sheet = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="contact_sheet.png",
-                                                dst_path=str(tmp_path / "dl"))
+    sheet = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="contact_sheet.png", dst_path=str(tmp_path / "dl")
+    )
     assert Path(sheet).read_bytes() == (tmp_path / "prepared" / "contact_sheet.png").read_bytes()

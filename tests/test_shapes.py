@@ -22,8 +22,20 @@ from dalle.data.shapes import (
 )
 
 CFG = DataConfig(image_size=32, n_train=64, n_val=16, n_test=64)
-KEYS = {"captions", "n_objects", "shape", "colour", "size", "position",
-        "shape2", "colour2", "size2", "position2", "relation", "held_out"}
+KEYS = {
+    "captions",
+    "n_objects",
+    "shape",
+    "colour",
+    "size",
+    "position",
+    "shape2",
+    "colour2",
+    "size2",
+    "position2",
+    "relation",
+    "held_out",
+}
 ATTRIBUTES = ("shape", "colour", "size", "position")
 SIDE = {"small": 0.25, "large": 0.45}  # box side / canvas: the contract, written out rather than imported
 FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}  # shape area / box area
@@ -44,17 +56,27 @@ def held_pairs(record):
 
 def relation_holds(record):
     (row1, col1), (row2, col2) = POSITIONS[record["position"]], POSITIONS[record["position2"]]
-    truth = {"to the left of": col1 < col2, "to the right of": col1 > col2,
-             "above": row1 < row2, "below": row1 > row2}
+    truth = {
+        "to the left of": col1 < col2,
+        "to the right of": col1 > col2,
+        "above": row1 < row2,
+        "below": row1 > row2,
+    }
     return truth[record["relation"]]
 
 
 def test_contract_constants():
     assert SIZES == SIDE
     assert list(POSITIONS.items()) == [
-        ("top left", (0, 0)), ("top", (0, 1)), ("top right", (0, 2)),
-        ("left", (1, 0)), ("center", (1, 1)), ("right", (1, 2)),
-        ("bottom left", (2, 0)), ("bottom", (2, 1)), ("bottom right", (2, 2)),
+        ("top left", (0, 0)),
+        ("top", (0, 1)),
+        ("top right", (0, 2)),
+        ("left", (1, 0)),
+        ("center", (1, 1)),
+        ("right", (1, 2)),
+        ("bottom left", (2, 0)),
+        ("bottom", (2, 1)),
+        ("bottom right", (2, 2)),
     ]
     assert canonical_caption("large", "red", "circle", "top left") == "a large red circle in the top left"
     with pytest.raises(ValueError, match="'hexagon'"):
@@ -82,8 +104,10 @@ def test_same_seed_same_bytes_and_records(max_objects):
 
 
 def test_seed_and_split_change_the_images():
-    images = {(seed, split): np.stack([image for image, _ in draw(seed=seed, split=split, n=16)])
-              for seed, split in [(0, "train"), (1, "train"), (0, "val"), (0, "test")]}
+    images = {
+        (seed, split): np.stack([image for image, _ in draw(seed=seed, split=split, n=16)])
+        for seed, split in [(0, "train"), (1, "train"), (0, "val"), (0, "test")]
+    }
     for a, b in itertools.combinations(images, 2):
         assert not np.array_equal(images[a], images[b]), (a, b)
 
@@ -125,8 +149,9 @@ def measure(image, blob):
     """Colour, cell, box sides, area and apex of one object, from its pixels; ``blob`` is its boolean mask."""
     pixels = image[blob].astype(float)
     # Anti-aliasing against black only scales the colour, so every pixel is (coverage * rgb), rounded.
-    colours = [name for name, rgb in COLOURS.items()
-               if np.abs(pixels - np.outer(pixels.max(1) / max(rgb), rgb)).max() <= 1.5]
+    colours = [
+        name for name, rgb in COLOURS.items() if np.abs(pixels - np.outer(pixels.max(1) / max(rgb), rgb)).max() <= 1.5
+    ]
     assert len(colours) == 1, f"pixels are not one colour on black: {colours}"
     rgb = np.array(COLOURS[colours[0]])
     coverage = np.where(blob, image[..., rgb.argmax()] / rgb.max(), 0.0)
@@ -134,7 +159,7 @@ def measure(image, blob):
     cy, cx = (np.indices(blob.shape) + 0.5).reshape(2, -1) @ coverage.ravel() / coverage.sum()
     ys, xs = np.nonzero(blob)
     size = image.shape[0]
-    rows = coverage[ys.min(): ys.max() + 1].sum(1)
+    rows = coverage[ys.min() : ys.max() + 1].sum(1)
     half = len(rows) // 2
     return {
         "colour": colours[0],
@@ -176,8 +201,10 @@ def possible_captions(record):
     def fillings(objects, relation):
         worded = ("size", "shape", "position")  # colours have no synonyms
         per_object = [
-            [dict(zip(worded, words), colour=obj["colour"])
-             for words in itertools.product(*(SYNONYMS[obj[key]] for key in worded))]
+            [
+                dict(zip(worded, words), colour=obj["colour"])
+                for words in itertools.product(*(SYNONYMS[obj[key]] for key in worded))
+            ]
             for obj in objects
         ]
         for words in itertools.product(*per_object):
@@ -220,7 +247,12 @@ def test_longest_caption_fits():
         phrases = [phrase for name in names for phrase in SYNONYMS.get(name, (name,))]
         return max(phrases, key=lambda phrase: len(phrase.split()))
 
-    slots = {"size": longest(SIZES), "colour": longest(COLOURS), "shape": longest(SHAPES),
-             "position": longest(POSITIONS), "relation": longest(RELATIONS)}
+    slots = {
+        "size": longest(SIZES),
+        "colour": longest(COLOURS),
+        "shape": longest(SHAPES),
+        "position": longest(POSITIONS),
+        "relation": longest(RELATIONS),
+    }
     slots |= {key + "2": value for key, value in slots.items()}
     assert max(len(t.format(**slots).split()) for t in TEMPLATES + RELATION_TEMPLATES) <= 24

@@ -24,10 +24,11 @@ import math
 import os
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -161,9 +162,7 @@ def _list_folder(root: Path) -> tuple[list[Item], Skipped]:
 def _list_manifest(manifest: Path) -> tuple[list[Item], Skipped]:
     reader = MANIFEST_READERS.get(manifest.suffix.lower())
     if reader is None:
-        raise ValueError(
-            f"data.path: {manifest}: a manifest must end in {', '.join(MANIFEST_READERS)}"
-        )
+        raise ValueError(f"data.path: {manifest}: a manifest must end in {', '.join(MANIFEST_READERS)}")
     try:
         if reader == "csv":
             # Everything as text, and an empty cell as "" rather than NaN: blank captions are plain strings.
@@ -224,9 +223,7 @@ def split_items(items: list[Item], cfg: DataConfig, seed: int) -> dict[str, list
     }
 
 
-def iter_split(
-    items: list[Item], cfg: DataConfig, skipped: Skipped, split: str
-) -> Iterator[tuple[np.ndarray, dict]]:
+def iter_split(items: list[Item], cfg: DataConfig, skipped: Skipped, split: str) -> Iterator[tuple[np.ndarray, dict]]:
     """Lazily decode ``items`` in order with ``cfg.workers`` threads; failures go to ``skipped``.
 
     Raises ValueError at the end if the split had items and every one of them failed to decode.

@@ -21,11 +21,12 @@ with a lossy reconstruction's damage (blur sigma 0.7 px, noise std 6/255, a per-
 +-10): every attribute right; first errors appear near blur sigma 1.2 (shape) or offsets of +-25 (colour).
 At 16 px the same damage leaves ~89% fully right: a blurred 4-pixel triangle loses its shape.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -57,8 +58,7 @@ class Judgement:
 
     def matches(self, record: Mapping) -> dict[str, bool]:
         """Per attribute: does it equal ``record``'s? Plus ``"all"``: every attribute does."""
-        result = {name: getattr(self, name) is not None and getattr(self, name) == record[name]
-                  for name in ATTRIBUTES}
+        result = {name: getattr(self, name) is not None and getattr(self, name) == record[name] for name in ATTRIBUTES}
         result["all"] = all(result.values())
         return result
 
@@ -85,8 +85,13 @@ def _standardised_moment(values: np.ndarray, weights: np.ndarray, order: int) ->
 
 def measure(image: np.ndarray) -> Features | None:
     """The features the rules read, or ``None`` for an image without an object. Exposed for inspection."""
-    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
-            and image.shape[2] == 3 and image.shape[0] == image.shape[1]):
+    if not (
+        isinstance(image, np.ndarray)
+        and image.dtype == np.uint8
+        and image.ndim == 3
+        and image.shape[2] == 3
+        and image.shape[0] == image.shape[1]
+    ):
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"expected a square uint8 RGB image of shape (S, S, 3), got {got}")
     size = image.shape[0]

@@ -21,8 +21,8 @@ pair. Every other object, in every split, has a seen pair.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -173,8 +173,7 @@ def _sample_scene(
 ) -> tuple[list[_Object], str | None]:
     n_objects = 1 if cfg.max_objects == 1 else 1 + int(rng.integers(2))
     odd_one = int(rng.integers(n_objects)) if held_out else -1  # the object that gets a held-out pair
-    pairs = [held[rng.integers(len(held))] if i == odd_one else seen[rng.integers(len(seen))]
-             for i in range(n_objects)]
+    pairs = [held[rng.integers(len(held))] if i == odd_one else seen[rng.integers(len(seen))] for i in range(n_objects)]
     positions = [list(POSITIONS)[cell] for cell in rng.permutation(len(POSITIONS))[:n_objects]]
     sizes = [list(SIZES)[rng.integers(len(SIZES))] for _ in range(n_objects)]
     for attempt in range(_TRIES):
@@ -204,12 +203,14 @@ def _caption(rng: np.random.Generator, objects: list[_Object], relation: str | N
             objects, relation = objects[::-1], RELATIONS[relation]
     fields = {"relation": relation}
     for obj, suffix in zip(objects, ("", "2")):
-        fields.update({
-            f"size{suffix}": pick(obj.size),
-            f"colour{suffix}": obj.colour,
-            f"shape{suffix}": pick(obj.shape),
-            f"position{suffix}": pick(obj.position),
-        })
+        fields.update(
+            {
+                f"size{suffix}": pick(obj.size),
+                f"colour{suffix}": obj.colour,
+                f"shape{suffix}": pick(obj.shape),
+                f"position{suffix}": pick(obj.position),
+            }
+        )
     # "a orange box" -> "an orange box". Plain sizes start with a consonant: canonical captions are untouched.
     return re.sub(r"\ba (?=[aeiou])", "an ", template.format(**fields))
 
@@ -244,9 +245,7 @@ def iter_shapes(cfg: DataConfig, seed: int, split: str, n: int) -> Iterator[tupl
     return _generate(cfg, np.random.default_rng([seed, SPLITS.index(split)]), split, n)
 
 
-def _generate(
-    cfg: DataConfig, rng: np.random.Generator, split: str, n: int
-) -> Iterator[tuple[np.ndarray, dict]]:
+def _generate(cfg: DataConfig, rng: np.random.Generator, split: str, n: int) -> Iterator[tuple[np.ndarray, dict]]:
     held = list(cfg.holdout_pairs)
     seen = [(colour, shape) for colour in COLOURS for shape in SHAPES if (colour, shape) not in held]
     held_out = np.zeros(n, dtype=bool)

@@ -8,9 +8,9 @@ i: its captions (a list; training samples one per epoch) and, for the shapes sou
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd

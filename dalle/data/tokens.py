@@ -52,8 +52,15 @@ def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int, desc:
     return tokens
 
 
-def encode_split(model: DiscreteVAE, tokenizer: TextTokenizer, split: Split, text_len: int, out_dir: Path,
-                 batch_size: int = 256, desc: str = "encode") -> dict[str, int]:
+def encode_split(
+    model: DiscreteVAE,
+    tokenizer: TextTokenizer,
+    split: Split,
+    text_len: int,
+    out_dir: Path,
+    batch_size: int = 256,
+    desc: str = "encode",
+) -> dict[str, int]:
     """Write one split's token files to ``out_dir``; returns caption and truncation counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "image_tokens.npy", encode_images(model, split.images, batch_size, desc))
