@@ -21,6 +21,8 @@ from dalle.pixels import LOGIT_LAPLACE_EPS, logit_laplace_nll, map_pixels, unmap
 from dalle.schedules import cosine, warmup_cosine
 
 TINY = DvaeConfig(
+    recon_loss="logit_laplace",
+    kl_weight=6.6,
     downsample=4,
     codebook_size=16,
     hidden=8,
@@ -135,14 +137,18 @@ def test_batches_are_a_function_of_the_step():
     assert not np.array_equal(batch_indices(6, 50, 8, 1), first[0])  # next epoch, new permutation
 
 
-def test_tiny_training_reduces_the_loss(shapes16):
+@pytest.mark.parametrize("recon_loss", ["logit_laplace", "mse"])
+def test_tiny_training_reduces_the_loss(shapes16, recon_loss):
     train, val = shapes16
-    cfg = dataclasses.replace(
-        TINY, steps=60, log_every=10, val_every=60, image_every=60, tau_steps=40, kl_warmup_steps=20, lr=3e-3
-    )
+    kl_weight = 6.6 if recon_loss == "logit_laplace" else 0.02
+    cfg = dataclasses.replace(TINY, recon_loss=recon_loss, kl_weight=kl_weight, steps=60, log_every=10,
+                              val_every=60, image_every=60, tau_steps=40, kl_warmup_steps=20, lr=3e-3)  # fmt: skip
     result = train_dvae(cfg, 0, train, val)
     losses = [row["loss"] for row in result.history]
-    assert losses[-1] < losses[0] - 0.5, losses
+    if recon_loss == "logit_laplace":
+        assert losses[-1] < losses[0] - 0.5, losses  # nats per subpixel
+    else:
+        assert losses[-1] < 0.6 * losses[0], losses  # squared error
     assert result.history[-1]["tau"] == pytest.approx(cfg.tau_end)
     assert result.history[-1]["beta"] == pytest.approx(cfg.kl_weight)
     assert {"val_psnr", "val_mse", "val_bits_per_dim", "val_used_fraction"} <= set(result.final)
