@@ -180,6 +180,33 @@ class DvaeConfig:
 
 
 @dataclass(frozen=True)
+class PriorConfig:
+    """The transformer prior (§2.2, Appendix B). Not yet a params.yaml section: the train_prior stage that reads
+    it is the next increment of its issue."""
+
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    schedule: str | tuple[str, ...] = "paper"
+    conv_kernel: int = 5
+    attn_impl: Literal["dense", "flex"] = "dense"
+    text_loss_weight: float = 0.125
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for key in ("n_layers", "n_heads", "d_model"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(
+            self.d_model % self.n_heads == 0, "d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}"
+        )
+        _check(
+            self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, "conv_kernel", f"must be odd, got {self.conv_kernel}"
+        )
+        _check(0 <= self.text_loss_weight <= 1, "text_loss_weight", f"must be in [0, 1], got {self.text_loss_weight}")
+        _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,26 +41,23 @@ def main(argv: list[str] | None = None) -> None:
     model = load_dvae(args.models, default_device())
     tokenizer = TextTokenizer.from_file(args.prepared / "tokenizer.json")
     with stage_run("encode", params):
-        tmp = args.out.with_name(f".{args.out.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        counts = {
-            split: encode_split(
-                model,
-                tokenizer,
-                load_split(args.prepared, split),
-                params.tokenizer.text_len,
-                tmp / split,
-                desc=f"encode {split}",
-            )
-            for split in SPLITS
-        }
-        train_tokens = np.load(tmp / "train" / "image_tokens.npy")
-        usage = np.bincount(train_tokens.ravel().astype(np.int64), minlength=model.cfg.codebook_size)
-        shutil.rmtree(args.out, ignore_errors=True)
-        tmp.rename(args.out)
+        tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
+        try:  # built aside and moved into place whole: a killed run never leaves half a token set
+            counts = {}
+            for split in SPLITS:
+                prepared_split = load_split(args.prepared, split)
+                text_len = params.tokenizer.text_len
+                counts[split] = encode_split(
+                    model, tokenizer, prepared_split, text_len, tmp / split, desc=f"encode {split}"
+                )
+            shutil.rmtree(args.out, ignore_errors=True)
+            tmp.rename(args.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        usage = counts["train"]["code_counts"]
 
         metrics = {f"train_{k}": v for k, v in codebook_usage(torch.from_numpy(usage)).items()}
-        metrics["grid"] = int(train_tokens.shape[1])
+        metrics["grid"] = params.data.image_size // model.cfg.downsample
         metrics["captions"] = {split: c["captions"] for split, c in counts.items()}
         metrics["captions_truncated"] = {split: c["truncated"] for split, c in counts.items()}
         args.reports.mkdir(parents=True, exist_ok=True)

@@ -60,17 +60,20 @@ def encode_split(
     out_dir: Path,
     batch_size: int = 256,
     desc: str = "encode",
-) -> dict[str, int]:
-    """Write one split's token files to ``out_dir``; returns caption and truncation counts."""
+) -> dict:
+    """Write one split's token files to ``out_dir``; returns caption / truncation counts and how often each
+    code occurs (``code_counts``, length codebook_size)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "image_tokens.npy", encode_images(model, split.images, batch_size, desc))
+    image_tokens = encode_images(model, split.images, batch_size, desc)
+    np.save(out_dir / "image_tokens.npy", image_tokens)
     captions = [caption for caps in split.records["captions"] for caption in caps]
     encoded = tokenizer.encode(captions, text_len)
     offsets = np.concatenate([[0], np.cumsum(split.records["captions"].map(len).to_numpy())]).astype(np.int64)
     np.save(out_dir / "text_ids.npy", encoded.ids)
     np.save(out_dir / "text_lengths.npy", encoded.lengths)
     np.save(out_dir / "caption_offsets.npy", offsets)
-    return {"captions": len(captions), "truncated": int(encoded.truncated.sum())}
+    code_counts = np.bincount(image_tokens.ravel().astype(np.int64), minlength=model.cfg.codebook_size)
+    return {"captions": len(captions), "truncated": int(encoded.truncated.sum()), "code_counts": code_counts}
 
 
 def load_tokens(root: str | Path, split: str) -> TokenSplit:
