@@ -8,8 +8,11 @@ token embedding plus broadcast row and column embeddings. Each layer uses the at
 the same predicate. Separate heads give logits over the text vocabulary at text positions and over the image
 vocabulary at image positions. The loss weights the two modalities' mean cross-entropies (§B.1: 1/8 text).
 
-Incremental decoding keeps a preallocated key/value cache and attends with row t of each layer's dense mask, so
-it reproduces the full forward pass for every mask kind.
+On CPU, eager flex attention is an unfused reference that warns and has no backward (use it for checks, or train
+with "dense"); ``Prior.use_compiled_flex()`` opts in to the compiled kernel.
+
+Incremental decoding (``prefill`` then ``step``) keeps a preallocated key/value cache and attends with row t of each
+layer's dense mask, so it reproduces the full forward pass for every mask kind, whatever ``attn_impl`` is.
 """
 
 from __future__ import annotations
