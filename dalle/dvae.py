@@ -52,27 +52,35 @@ def _group_widths(cfg: DvaeConfig) -> list[int]:
     return [cfg.hidden * 2**i for i in range(n_groups)]
 
 
+def _groups(cfg: DvaeConfig, widths: list[int], n_in: int, kernels: tuple[int, ...], resample) -> list:
+    """``group_1 … group_n`` of bottleneck blocks, with ``resample`` (pool or upsample) between resolutions."""
+    n_layers = len(widths) * cfg.blocks_per_group
+    groups = []
+    for g, width in enumerate(widths, start=1):
+        group = []
+        for b in range(cfg.blocks_per_group):
+            group.append((f"block_{b + 1}", BottleneckBlock(n_in if b == 0 else width, width, n_layers, kernels)))
+        if g < len(widths):
+            name, module = resample
+            group.append((name, module()))
+        groups.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
+        n_in = width
+    return groups
+
+
+def _output(n_in: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", nn.Conv2d(n_in, n_out, 1))]))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: DvaeConfig):
         super().__init__()
         widths = _group_widths(cfg)
-        n_layers = len(widths) * cfg.blocks_per_group
-        blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(3, widths[0], 7, padding=3))]
-        n_in = widths[0]
-        for g, width in enumerate(widths, start=1):
-            group = [
-                (
-                    f"block_{b + 1}",
-                    BottleneckBlock(n_in if b == 0 else width, width, n_layers, ENCODER_KERNELS),
-                )
-                for b in range(cfg.blocks_per_group)
-            ]
-            if g < len(widths):
-                group.append(("pool", nn.MaxPool2d(2)))
-            blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
-            n_in = width
-        blocks.append(("output", nn.Sequential(OrderedDict([
-            ("relu", nn.ReLU()), ("conv", nn.Conv2d(n_in, cfg.codebook_size, 1))]))))  # fmt: skip
+        blocks = [
+            ("input", nn.Conv2d(3, widths[0], 7, padding=3)),
+            *_groups(cfg, widths, widths[0], ENCODER_KERNELS, ("pool", lambda: nn.MaxPool2d(2))),
+            ("output", _output(widths[-1], cfg.codebook_size)),
+        ]
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,25 +91,13 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DvaeConfig):
         super().__init__()
         widths = _group_widths(cfg)[::-1]
-        n_layers = len(widths) * cfg.blocks_per_group
-        out_channels = 6 if cfg.recon_loss == "logit_laplace" else 3
-        # The 1×1 input conv over a (soft) one-hot code is the codebook embedding.
-        blocks: list[tuple[str, nn.Module]] = [("input", nn.Conv2d(cfg.codebook_size, cfg.codebook_dim, 1))]
-        n_in = cfg.codebook_dim
-        for g, width in enumerate(widths, start=1):
-            group = [
-                (
-                    f"block_{b + 1}",
-                    BottleneckBlock(n_in if b == 0 else width, width, n_layers, DECODER_KERNELS),
-                )
-                for b in range(cfg.blocks_per_group)
-            ]
-            if g < len(widths):
-                group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
-            blocks.append((f"group_{g}", nn.Sequential(OrderedDict(group))))
-            n_in = width
-        blocks.append(("output", nn.Sequential(OrderedDict([
-            ("relu", nn.ReLU()), ("conv", nn.Conv2d(n_in, out_channels, 1))]))))  # fmt: skip
+        upsample = ("upsample", lambda: nn.Upsample(scale_factor=2, mode="nearest"))
+        blocks = [
+            # The 1×1 input conv over a (soft) one-hot code is the codebook embedding.
+            ("input", nn.Conv2d(cfg.codebook_size, cfg.codebook_dim, 1)),
+            *_groups(cfg, widths, cfg.codebook_dim, DECODER_KERNELS, upsample),
+            ("output", _output(widths[-1], 6 if cfg.recon_loss == "logit_laplace" else 3)),
+        ]
         self.blocks = nn.Sequential(OrderedDict(blocks))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
