@@ -125,9 +125,9 @@ class DvaeConfig:
     recon_loss: Literal["logit_laplace", "mse", "smooth_l1"] = "mse"
     tau_start: float = 1.0
     tau_end: float = 0.0625
-    tau_steps: int = 800
+    tau_steps: int = 1000
     hard: bool = False
-    kl_weight: float = 0.02
+    kl_weight: float = 0.05
     kl_warmup_steps: int = 300
     lr: float = 2e-3
     lr_min: float = 1e-5

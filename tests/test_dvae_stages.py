@@ -143,7 +143,7 @@ def test_refuses_a_changed_config_after_a_kill(tmp_path, prepared, monkeypatch):
         train_dvae.main(stage_args(tmp_path, params, prepared))
     monkeypatch.undo()
     changed = tiny_params(tmp_path, "test-dvae-mismatch", kl_weight=1.0)
-    with pytest.raises(ValueError, match=r"dvae.kl_weight: 0.02 -> 1.0.*dvae.resume: false"):
+    with pytest.raises(ValueError, match=r"dvae.kl_weight: 0.05 -> 1.0.*dvae.resume: false"):
         train_dvae.main(stage_args(tmp_path, changed, prepared))
 
 
