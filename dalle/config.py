@@ -129,7 +129,7 @@ class DvaeConfig:
     hard: bool = False
     kl_weight: float = 0.05
     kl_warmup_steps: int = 300
-    lr: float = 2e-3
+    lr: float = 3e-3
     lr_min: float = 1e-5
     warmup_steps: int = 100
     weight_decay: float = 1e-4
