@@ -181,7 +181,7 @@ def test_resume_refuses_a_different_config_and_names_the_keys(shapes16, tmp_path
     with pytest.raises(KeyboardInterrupt):
         train_dvae(TINY, 0, train, val, tmp_path / "c.pt", callbacks=KillAt(6))
     changed = dataclasses.replace(TINY, lr=5e-3, codebook_size=32)
-    with pytest.raises(CheckpointMismatch, match=r"dvae.codebook_size: 16 -> 32; dvae.lr: 0.002 -> 0.005"):
+    with pytest.raises(CheckpointMismatch, match=r"dvae.codebook_size: 16 -> 32; dvae.lr: 0.003 -> 0.005"):
         train_dvae(changed, 0, train, val, tmp_path / "c.pt")
     with pytest.raises(CheckpointMismatch, match="seed: 0 -> 1"):
         train_dvae(TINY, 1, train, val, tmp_path / "c.pt")
