@@ -9,6 +9,7 @@ KL(q(z|x) ‖ uniform), both normalised per image dimension (see ``DiscreteVAE.f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import OrderedDict
 
@@ -16,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dalle.checkpoint import load_weights
 from dalle.config import DvaeConfig
-from dalle.pixels import recon_nll
+from dalle.pixels import recon_nll, reconstruction
 
 
 class BottleneckBlock(nn.Module):
@@ -104,6 +106,12 @@ class Decoder(nn.Module):
         return self.blocks(codes)  # (B, 6 or 3, H, W)
 
 
+def _kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q(z|x) ‖ uniform over K codes) in nats, summed over latent positions: (B, K, h, w) → (B,)."""
+    log_q = F.log_softmax(logits, dim=1)
+    return (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(dim=(1, 2, 3))
+
+
 class DiscreteVAE(nn.Module):
     def __init__(self, cfg: DvaeConfig):
         super().__init__()
@@ -127,11 +135,8 @@ class DiscreteVAE(nn.Module):
         logits = self.encoder(images).float()
         soft_codes = F.gumbel_softmax(logits, tau=tau, hard=self.cfg.hard, dim=1)
         nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(soft_codes).float(), images)
-        dims = images[0].numel()
-        log_q = F.log_softmax(logits, dim=1)
-        kl = (log_q.exp() * (log_q + math.log(self.cfg.codebook_size))).sum(dim=(1, 2, 3))  # (B,) nats
         recon_loss = nll.mean()
-        kl_per_dim = kl.mean() / dims
+        kl_per_dim = _kl_to_uniform(logits).mean() / images[0].numel()
         loss = recon_loss + kl_weight * kl_per_dim
         parts = {
             "recon": recon_loss.detach(),
@@ -154,33 +159,28 @@ class DiscreteVAE(nn.Module):
             raise ValueError(f"expected a token grid of shape (B, h, w), got {tuple(tokens.shape)}")
         if tokens.min() < 0 or tokens.max() >= self.cfg.codebook_size:
             raise ValueError(f"token ids must lie in [0, {self.cfg.codebook_size}), got {tokens.min()}..{tokens.max()}")
-        codes = F.one_hot(tokens, self.cfg.codebook_size).permute(0, 3, 1, 2).float()
-        out = self.decoder(codes).float()
-        _, recon = recon_nll(self.cfg.recon_loss, out, torch.zeros_like(out[:, :3]))
-        return recon
+        return reconstruction(self.cfg.recon_loss, self.decoder(self._one_hot(tokens)).float())
+
+    def _one_hot(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(tokens, self.cfg.codebook_size).permute(0, 3, 1, 2).float()  # (B, K, h, w)
 
     @torch.no_grad()
     def hard_elbo(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-dim NLL of the argmax code's reconstruction and KL(q ‖ uniform): what the prior will model."""
+        self._check_images(images)
         logits = self.encoder(images).float()
-        codes = F.one_hot(logits.argmax(1), self.cfg.codebook_size).permute(0, 3, 1, 2).float()
-        nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(codes).float(), images, noise=False)
-        log_q = F.log_softmax(logits, dim=1)
-        kl = (log_q.exp() * (log_q + math.log(self.cfg.codebook_size))).sum(dim=(1, 2, 3))
+        codes = logits.argmax(1)
+        nll, recon = recon_nll(self.cfg.recon_loss, self.decoder(self._one_hot(codes)).float(), images, noise=False)
         return {
             "nll": nll.mean(dim=(1, 2, 3)),
-            "kl_per_dim": kl / images[0].numel(),
+            "kl_per_dim": _kl_to_uniform(logits) / images[0].numel(),
             "recon": recon,
-            "codes": logits.argmax(1),
+            "codes": codes,
         }
 
 
 def load_dvae(directory, device: torch.device | str = "cpu") -> DiscreteVAE:
     """Rebuild a trained dVAE from ``model.safetensors`` + ``config.json`` (as written by the train_dvae stage)."""
-    import dataclasses
-
-    from dalle.checkpoint import load_weights
-
     state, config = load_weights(directory)
     names = {f.name for f in dataclasses.fields(DvaeConfig)}
     model = DiscreteVAE(DvaeConfig(**{k: v for k, v in config.items() if k in names}))

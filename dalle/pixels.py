@@ -48,6 +48,13 @@ def dequantize(images: torch.Tensor, noise: bool) -> torch.Tensor:
     return (levels + offset) / 256
 
 
+def reconstruction(kind: str, decoder_out: torch.Tensor) -> torch.Tensor:
+    """The image in [0, 1] a decoder output stands for: unmap(sigmoid(μ)) for logit-Laplace, else clamped."""
+    if kind == "logit_laplace":
+        return unmap_pixels(torch.sigmoid(decoder_out[:, :3]))
+    return decoder_out.clamp(0, 1)
+
+
 def recon_nll(
     kind: str, decoder_out: torch.Tensor, images: torch.Tensor, noise: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,8 +68,8 @@ def recon_nll(
     if kind == "logit_laplace":
         mu, log_b = decoder_out[:, :3], decoder_out[:, 3:]
         targets = map_pixels(dequantize(images, noise))
-        return logit_laplace_nll(targets, mu, log_b), unmap_pixels(torch.sigmoid(mu))
-    recon = decoder_out.clamp(0, 1)
+        return logit_laplace_nll(targets, mu, log_b), reconstruction(kind, decoder_out)
+    recon = reconstruction(kind, decoder_out)
     if kind == "mse":
         return F.mse_loss(decoder_out, images, reduction="none"), recon
     if kind == "smooth_l1":

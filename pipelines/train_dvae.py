@@ -86,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.dvae
     torch.set_flush_denormal(True)  # near-black images drive activations denormal; CPU steps slow down 10x
     train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
-    if not cfg.resume:
-        args.checkpoint.unlink(missing_ok=True)
     run_id_file = args.checkpoint.with_name("mlflow_run_id")
+    if not cfg.resume:  # a fresh start also opens a fresh MLflow run
+        args.checkpoint.unlink(missing_ok=True)
+        run_id_file.unlink(missing_ok=True)
     with stage_run("train_dvae", params, resume_file=run_id_file) as run:
         started = time.monotonic()
         result = train_dvae(
