@@ -181,8 +181,7 @@ class DvaeConfig:
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """The transformer prior (§2.2, Appendix B). Not yet a params.yaml section: the train_prior stage that reads
-    it is the next increment of its issue."""
+    """The transformer prior (§2.2, Appendix B) and its training (stage ``train_prior``)."""
 
     n_layers: int = 4
     n_heads: int = 4
@@ -192,18 +191,68 @@ class PriorConfig:
     attn_impl: Literal["dense", "flex"] = "dense"
     text_loss_weight: float = 0.125
     dropout: float = 0.0
+    lr: float = 1e-3
+    lr_min: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    steps: int = 600
+    val_images: int = 500
+    log_every: int = 25
+    val_every: int = 200
+    sample_every: int = 200
+    samples: int = 8
+    checkpoint_every: int = 100
+    resume: bool = True
+
+    # Keys that change only what is logged, saved, or which kernel computes the same attention; a checkpoint
+    # may be resumed across changes to these.
+    CADENCE_KEYS = (
+        "attn_impl",
+        "val_images",
+        "log_every",
+        "val_every",
+        "sample_every",
+        "samples",
+        "checkpoint_every",
+        "resume",
+    )
 
     def __post_init__(self):
-        for key in ("n_layers", "n_heads", "d_model"):
+        for key in (
+            "n_layers",
+            "n_heads",
+            "d_model",
+            "batch_size",
+            "steps",
+            "val_images",
+            "log_every",
+            "val_every",
+            "sample_every",
+            "samples",
+            "checkpoint_every",
+        ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check(
             self.d_model % self.n_heads == 0, "d_model", f"{self.d_model} is not divisible by n_heads={self.n_heads}"
         )
+        from dalle.masks import layer_kinds  # imports torch; only needed here
+
+        try:
+            layer_kinds(self.schedule, self.n_layers)
+        except ValueError as err:
+            raise FieldError("schedule", str(err)) from None
         _check(
             self.conv_kernel >= 1 and self.conv_kernel % 2 == 1, "conv_kernel", f"must be odd, got {self.conv_kernel}"
         )
         _check(0 <= self.text_loss_weight <= 1, "text_loss_weight", f"must be in [0, 1], got {self.text_loss_weight}")
         _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr], got {self.lr_min}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip > 0, "grad_clip", f"must be > 0 (max gradient norm), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +262,7 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dvae: DvaeConfig = field(default_factory=DvaeConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -283,8 +333,14 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        assert len(inner) == 1, f"unsupported annotation {hint}"
-        return _coerce(value, inner[0], source, key)
+        if len(inner) == 1:
+            return _coerce(value, inner[0], source, key)
+        for alternative in inner:  # e.g. a schedule name or a list of kinds
+            try:
+                return _coerce(value, alternative, source, key)
+            except ParamsError:
+                continue
+        fail(" or ".join(_describe(a) for a in inner))
     if origin is Literal:
         if value not in args:
             fail("one of " + ", ".join(repr(a) for a in args))
@@ -314,3 +370,9 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             fail("a string")
         return value
     raise AssertionError(f"unsupported annotation {hint} for {key}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

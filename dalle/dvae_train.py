@@ -13,12 +13,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint, save_checkpoint
+from dalle.checkpoint import save_checkpoint
 from dalle.config import DvaeConfig
 from dalle.dvae import DiscreteVAE
 from dalle.ema import Ema
-from dalle.pixels import bits_per_dim, unit_interval_nll
+from dalle.pixels import bits_per_dim, to_float_images, unit_interval_nll
 from dalle.schedules import cosine, warmup_cosine
+from dalle.training import (
+    adamw,
+    batch_indices,
+    default_device,
+    restore_rng,
+    resumable_state,
+    rng_state,
+    set_lr,
+)
 
 WINDOW_KEYS = ("loss", "recon", "kl", "mse", "n")
 
@@ -31,24 +40,6 @@ class Callbacks:
     def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def on_images(self, step: int, grid: np.ndarray) -> None: ...
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_float_images(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1] on ``device``."""
-    return torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
-
-
-def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of training batch ``step``: epochs of seeded permutations, a pure function of the step so that
-    a resumed run sees exactly the batches an uninterrupted one would."""
-    per_epoch = max(n_items // batch_size, 1)
-    epoch, position = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
-    return np.sort(perm[position * batch_size : (position + 1) * batch_size])  # sorted: sequential memmap reads
 
 
 def resume_config(cfg: DvaeConfig, seed: int, data_fingerprint: str) -> dict[str, Any]:
@@ -81,36 +72,20 @@ def train_dvae(
     torch.manual_seed(seed)
     model = DiscreteVAE(cfg).to(device)
     ema = Ema(model, cfg.ema_decay)
-    decay, no_decay = [], []
-    for param in model.parameters():  # no weight decay on biases
-        (decay if param.ndim > 1 else no_decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-    )
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
     config = resume_config(cfg, seed, data_fingerprint)
     step, history, val_history = 0, [], []
     usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)  # codes seen this log window
     window = dict.fromkeys(WINDOW_KEYS, 0.0)  # sums of loss parts this log window
-    if checkpoint_path is not None and checkpoint_path.is_file() and cfg.resume:
-        state = load_checkpoint(checkpoint_path)
-        diff = config_diff(state["config"], config)
-        if diff:
-            raise CheckpointMismatch(
-                f"checkpoint {checkpoint_path} was made with a different config: {'; '.join(diff)}. "
-                "Restore those values, or set dvae.resume: false to start fresh."
-            )
+    state = resumable_state(checkpoint_path, config, "dvae") if cfg.resume else None
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, val_history = state["step"], state["history"], state["val_history"]
         usage.copy_(state["usage"])
         window = state["window"]
-        torch.set_rng_state(state["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+        restore_rng(state, device)
 
     def checkpoint() -> None:
         if checkpoint_path is None:
@@ -125,10 +100,8 @@ def train_dvae(
             "config": config,
             "usage": usage,
             "window": window,
-            "rng_cpu": torch.get_rng_state(),
+            **rng_state(device),
         }
-        if device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(checkpoint_path, state)
 
     progress = tqdm(total=cfg.steps, initial=step, desc="train_dvae", unit="step")
@@ -137,8 +110,7 @@ def train_dvae(
         tau = cosine(step, cfg.tau_steps, cfg.tau_start, cfg.tau_end)
         beta = cosine(step, cfg.kl_warmup_steps, 0.0, cfg.kl_weight)
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         images = to_float_images(train_images[batch_indices(step, len(train_images), cfg.batch_size, seed)], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, parts = model(images, tau=tau, kl_weight=beta)

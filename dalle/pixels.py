@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +94,8 @@ def bits_per_dim(nll_nats: float, kl_nats_per_dim: float) -> float:
     """Negative ELBO in bits per 8-bit subpixel: on dequantised pixels an 8-bit value has probability
     ≥ density × bin width 1/256, hence + log2(256) = 8 bits."""
     return (nll_nats + kl_nats_per_dim) / math.log(2) + 8.0
+
+
+def to_float_images(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1] on ``device``."""
+    return torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)

@@ -17,6 +17,7 @@ layer's dense mask, so it reproduces the full forward pass for every mask kind, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from dalle.checkpoint import load_weights
 from dalle.config import PriorConfig
 from dalle.masks import attention_mask, block_mask, layer_kinds
 
@@ -247,13 +249,27 @@ class Prior(nn.Module):
         logits = PriorLogits(text=self.text_head(h[:, : text_len - 1]), image=self.image_head(h[:, text_len - 1 : -1]))
         return logits, self.losses(logits, text_ids, text_lengths, image_tokens).loss
 
-    def losses(self, logits: PriorLogits, text_ids: Tensor, text_lengths: Tensor, image_tokens: Tensor) -> PriorLosses:
-        """Cross-entropies of ``forward``'s logits; text targets are caption tokens 1..length-1, never pads."""
+    def losses(
+        self,
+        logits: PriorLogits,
+        text_ids: Tensor,
+        text_lengths: Tensor,
+        image_tokens: Tensor,
+        text_count: Tensor | float | None = None,
+    ) -> PriorLosses:
+        """Cross-entropies of ``forward``'s logits; text targets are caption tokens 1..length-1, never pads.
+
+        ``text_count`` divides the summed text cross-entropy (default: this batch's caption targets,
+        ``text_targets(text_lengths)``). Data-parallel training passes the global count over the world size, so
+        that averaging the ranks' gradients gives exactly the gradient of the whole batch's loss.
+        """
         counted = self._caption_mask(text_lengths)[:, 1:]  # (B, text_len - 1)
         text_targets = text_ids[:, 1:].masked_fill(~counted, 0)  # pad slots may hold anything; never looked up
         text_ce = F.cross_entropy(logits.text.flatten(0, 1).float(), text_targets.flatten().long(), reduction="none")
+        if text_count is None:
+            text_count = counted.sum()
         # Captions of length <= 1 have no text target; the clamp keeps an all-empty batch at 0 rather than NaN.
-        text_nll = (text_ce * counted.flatten()).sum() / counted.sum().clamp(min=1)
+        text_nll = (text_ce * counted.flatten()).sum() / torch.as_tensor(text_count).clamp(min=1)
         image_nll = F.cross_entropy(logits.image.flatten(0, 1).float(), image_tokens.flatten().long())
         w = self.cfg.text_loss_weight
         loss = w * text_nll + (1 - w) * image_nll
@@ -287,27 +303,19 @@ class Prior(nn.Module):
         return self.image_head(h[:, -1]), cache
 
 
-@torch.no_grad()
-def sample_image_tokens(
-    prior: Prior,
-    text_ids: Tensor,
-    text_lengths: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Sample (B, grid²) image tokens for the captions, one token per cached step."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits, kv = prior.prefill(text_ids, text_lengths)
-    n_tokens = prior.geometry.grid**2
-    tokens = torch.empty(text_ids.shape[0], n_tokens, dtype=torch.long, device=text_ids.device)
-    for index in range(n_tokens):
-        logits = logits.float() / temperature
-        if top_k is not None:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        tokens[:, index] = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-        if index < n_tokens - 1:
-            logits, kv = prior.step(kv, tokens[:, index])
-    return tokens
+def text_targets(text_lengths: Tensor) -> Tensor:
+    """Number of text tokens that are targets: every caption token but the first (pads never are)."""
+    return (text_lengths - 1).clamp(min=0).sum()
+
+
+def load_prior(directory, device: torch.device | str = "cpu") -> Prior:
+    """Rebuild a trained prior from ``model.safetensors`` + ``config.json`` (as written by train_prior)."""
+    state, config = load_weights(directory)
+    geometry = PriorGeometry(**{f.name: config["geometry"][f.name] for f in dataclasses.fields(PriorGeometry)})
+    names = {f.name for f in dataclasses.fields(PriorConfig)}
+    values = {k: v for k, v in config.items() if k in names}
+    if isinstance(values.get("schedule"), list):
+        values["schedule"] = tuple(values["schedule"])
+    model = Prior(PriorConfig(**values), geometry)
+    model.load_state_dict(state)
+    return model.to(device).eval()

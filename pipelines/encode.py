@@ -16,11 +16,13 @@ import torch
 from dalle.data.store import SPLITS, load_split
 from dalle.data.tokens import encode_split
 from dalle.dvae import load_dvae
-from dalle.dvae_train import codebook_usage, default_device
+from dalle.dvae_train import codebook_usage
 from dalle.text import TextTokenizer
+from dalle.training import default_device
 from pipelines.params import load_params
+from pipelines.reports import write_csv
 from pipelines.tracking import stage_run
-from pipelines.train_dvae import MODEL_DIR, PREPARED, write_csv
+from pipelines.train_dvae import MODEL_DIR, PREPARED
 
 TOKENS = Path("data/tokens")
 REPORT_DIR = Path("reports/encode")

@@ -114,6 +114,24 @@ def stage_run(stage: str, params: Params, resume_file: Path | None = None) -> It
         yield run
 
 
+@contextmanager
+def training_run(stage: str, params: Params, checkpoint: Path, resume: bool) -> Iterator[mlflow.ActiveRun]:
+    """``stage_run`` for a resumable training stage with its checkpoint at ``checkpoint``.
+
+    The MLflow run id is kept beside the checkpoint so that a run resumed after a kill continues its MLflow run.
+    ``resume: false`` deletes both first (a fresh start opens a fresh run); a finished run deletes both, so a
+    later run with other params starts fresh.
+    """
+    run_id_file = checkpoint.with_name("mlflow_run_id")
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
+        run_id_file.unlink(missing_ok=True)
+    with stage_run(stage, params, resume_file=run_id_file) as run:
+        yield run
+    checkpoint.unlink(missing_ok=True)
+    run_id_file.unlink(missing_ok=True)
+
+
 def _resumable_run(resume_file: Path | None, uri: str, experiment_id: str) -> str | None:
     """The run id saved beside a checkpoint, if that run exists in this store and experiment."""
     if resume_file is None or not resume_file.is_file():

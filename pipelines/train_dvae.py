@@ -5,7 +5,6 @@ history), one MLflow run with curves and reconstruction grids. Resumes from ``ch
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import hashlib
 import json
@@ -19,9 +18,11 @@ import torch
 from dalle.checkpoint import save_weights
 from dalle.data.judge import attribute_accuracy
 from dalle.data.store import STATS_FILE, load_split
-from dalle.dvae_train import Callbacks, default_device, reconstruct, train_dvae
+from dalle.dvae_train import Callbacks, reconstruct, train_dvae
+from dalle.training import default_device
 from pipelines.params import load_params
-from pipelines.tracking import stage_run
+from pipelines.reports import write_csv
+from pipelines.tracking import training_run
 
 PREPARED = Path("data/prepared")
 MODEL_DIR = Path("models/dvae")
@@ -65,14 +66,6 @@ def reconstruction_attributes(model, prepared: Path) -> dict[str, float]:
     return metrics
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -86,11 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.dvae
     torch.set_flush_denormal(True)  # near-black images drive activations denormal; CPU steps slow down 10x
     train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
-    run_id_file = args.checkpoint.with_name("mlflow_run_id")
-    if not cfg.resume:  # a fresh start also opens a fresh MLflow run
-        args.checkpoint.unlink(missing_ok=True)
-        run_id_file.unlink(missing_ok=True)
-    with stage_run("train_dvae", params, resume_file=run_id_file) as run:
+    with training_run("train_dvae", params, args.checkpoint, cfg.resume) as run:
         started = time.monotonic()
         result = train_dvae(
             cfg,
@@ -120,9 +109,6 @@ def main(argv: list[str] | None = None) -> None:
             mlflow.log_artifact(str(args.reports / path))
         mlflow.log_artifact(str(args.models / "config.json"), artifact_path="model")
         mlflow.log_metric("train_seconds_this_run", seconds)
-    # Finished: the checkpoint has served its purpose; a later run with other params starts fresh.
-    args.checkpoint.unlink(missing_ok=True)
-    run_id_file.unlink(missing_ok=True)
     print(
         f"dVAE: val PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_used_fraction']:.0%} codes used, "
         f"{seconds:.0f} s; MLflow run {run.info.run_id}"

@@ -103,6 +103,17 @@ def _delete(path: str):
         (_set("dvae.lr_min", 1.0), "dvae.lr_min", "[0, lr]"),
         (_set("seed", -1), "seed", ">= 0"),
         (_set("mlflow.experiment", " "), "mlflow.experiment", "non-empty"),
+        (_set("prior.schedule", "diagonal"), "prior.schedule", "unknown attention schedule 'diagonal'"),
+        (_set("prior.schedule", ["row", "column"]), "prior.schedule", "lists 2 kinds but the model has n_layers=4"),
+        (_set("prior.schedule", ["row", "row", "row", "strided"]), "prior.schedule", "unknown mask kind 'strided'"),
+        (_set("prior.schedule", 3), "prior.schedule", "expected a string or a list"),
+        (_set("prior.d_model", 130), "prior.d_model", "not divisible by n_heads=4"),
+        (_set("prior.conv_kernel", 4), "prior.conv_kernel", "must be odd"),
+        (_set("prior.attn_impl", "sparse"), "prior.attn_impl", "one of 'dense', 'flex'"),
+        (_set("prior.text_loss_weight", 1.5), "prior.text_loss_weight", "[0, 1]"),
+        (_set("prior.grad_clip", 0.0), "prior.grad_clip", "> 0"),
+        (_set("prior.samples", 0), "prior.samples", ">= 1"),
+        (_set("prior.lr_min", 0.1), "prior.lr_min", "[0, lr]"),
     ],
 )
 def test_bad_value_names_file_section_and_key(tmp_path, edit, key, words):
@@ -121,6 +132,12 @@ def test_valid_override_is_typed_and_frozen(tmp_path):
     assert isinstance(params.data.heldout_fraction, float)
     with pytest.raises(AttributeError):
         params.data.image_size = 64  # type: ignore[misc]
+
+
+def test_schedule_is_a_name_or_a_list_of_kinds(tmp_path):
+    params = load_params(write_params(tmp_path, _set("prior.schedule", ["row", "column", "conv", "full"])))
+    assert params.prior.schedule == ("row", "column", "conv", "full")
+    assert Params().prior.schedule == "paper"
 
 
 def test_missing_and_malformed_files(tmp_path):

@@ -16,9 +16,10 @@ from dalle.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoin
 from dalle.config import DataConfig, DvaeConfig
 from dalle.data.shapes import iter_shapes
 from dalle.dvae import DiscreteVAE, load_dvae
-from dalle.dvae_train import Callbacks, batch_indices, evaluate, train_dvae
+from dalle.dvae_train import Callbacks, evaluate, train_dvae
 from dalle.pixels import LOGIT_LAPLACE_EPS, logit_laplace_nll, map_pixels, unmap_pixels
 from dalle.schedules import cosine, warmup_cosine
+from dalle.training import batch_indices
 
 TINY = DvaeConfig(
     recon_loss="logit_laplace",

@@ -64,6 +64,19 @@ def repo_copy(tmp_path_factory) -> Path:
         image_every=4,
         checkpoint_every=2,
     )
+    raw["prior"].update(
+        n_layers=2,
+        n_heads=2,
+        d_model=32,
+        batch_size=8,
+        steps=4,
+        val_images=4,
+        log_every=2,
+        val_every=2,
+        sample_every=4,
+        samples=2,
+        checkpoint_every=2,
+    )
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -80,10 +93,13 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
         "prepare",
         "train_dvae",
         "encode",
+        "train_prior",
     }
     assert (repo_copy / "models/dvae/model.safetensors").is_file()
     assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
     assert json.loads((repo_copy / "reports/dvae/metrics.json").read_text())["steps"] == 4
+    assert (repo_copy / "models/prior/model.safetensors").is_file()
+    assert json.loads((repo_copy / "reports/prior/metrics.json").read_text())["steps"] == 4
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dalle.config import PriorConfig
-from dalle.prior import Prior, PriorGeometry, sample_image_tokens
+from dalle.prior import Prior, PriorGeometry
+from dalle.sampling import sample_image_tokens
 
 GEOMETRY = PriorGeometry(text_vocab=20, text_len=6, image_vocab=16, grid=4)
 SCHEDULES = ("paper", "full", "row", "column", "axial", "conv")

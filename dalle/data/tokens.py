@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dalle.data.store import Split
 from dalle.dvae import DiscreteVAE
-from dalle.dvae_train import to_float_images
+from dalle.pixels import to_float_images
 from dalle.text import TextTokenizer
 
 FILES = ("image_tokens.npy", "text_ids.npy", "text_lengths.npy", "caption_offsets.npy")

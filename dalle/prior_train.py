@@ -1,0 +1,294 @@
+"""Training loop of the transformer prior (Ramesh et al. 2021, §2.2, Appendix B.2): AdamW with warm-up and cosine
+decay, global-norm gradient clipping, bf16 autocast on CUDA, atomic checkpoints with exact resume, and data
+parallelism when ``torch.distributed`` is initialised (``torchrun``): every rank takes an equal share of each
+global batch and DDP averages their gradients. Knows nothing of trackers: logging hooks in via callbacks.
+
+Each epoch draws one caption per image (§2.2 trains on one of an image's captions at a time), as a pure
+function of (seed, epoch), so resumed and data-parallel runs see the same (image, caption) pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from dalle.checkpoint import save_checkpoint
+from dalle.config import PriorConfig
+from dalle.data.tokens import TokenSplit
+from dalle.prior import Prior, PriorGeometry, PriorLosses, text_targets
+from dalle.sampling import sample_image_tokens
+from dalle.schedules import warmup_cosine
+from dalle.training import (
+    adamw,
+    batch_indices,
+    default_device,
+    epoch_of,
+    restore_rng,
+    resumable_state,
+    rng_state,
+    set_lr,
+)
+
+# Sums over a log window; reduced over ranks before they become a history row.
+WINDOW_KEYS = ("text_ce", "text_count", "image_ce", "image_count", "grad_norm", "steps", "tokens", "seconds")
+
+
+class Callbacks:
+    """Override what you need; only rank 0 calls them, with plain floats and integer arrays."""
+
+    def on_train_log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_samples(self, step: int, image_tokens: np.ndarray) -> None:
+        """``image_tokens``: (n, grid, grid) sampled for the sample captions given to ``train_prior``."""
+
+
+class Batch(NamedTuple):
+    text_ids: Tensor  # (B, text_len) long
+    text_lengths: Tensor  # (B,) long
+    image_tokens: Tensor  # (B, grid²) long
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: Prior
+    final: dict[str, float]  # validation metrics at the end
+    history: list[dict[str, float]]  # training rows every log_every steps
+    val_history: list[dict[str, float]]  # validation rows every val_every steps
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    if world()[1] > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def geometry_of(tokens: TokenSplit, text_vocab: int, image_vocab: int) -> PriorGeometry:
+    text_len, grid = tokens.text_ids.shape[1], tokens.image_tokens.shape[1]
+    return PriorGeometry(text_vocab=text_vocab, text_len=text_len, image_vocab=image_vocab, grid=grid)
+
+
+def caption_rows(step: int, images: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """Rows of ``text_ids`` paired with ``images`` at batch ``step``: one caption per image per epoch."""
+    n_images = len(offsets) - 1
+    epoch, _ = epoch_of(step, n_images, batch_size)
+    draws = np.random.default_rng([seed, epoch, 1]).random(n_images)[images]  # the whole epoch's draw, indexed
+    counts = offsets[images + 1] - offsets[images]
+    return offsets[images] + np.floor(draws * counts).astype(np.int64)
+
+
+def to_batch(tokens: TokenSplit, images: np.ndarray, rows: np.ndarray, device: torch.device) -> Batch:
+    def tensor(array: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.asarray(array, dtype=np.int64)).to(device)
+
+    return Batch(
+        text_ids=tensor(tokens.text_ids[rows]),
+        text_lengths=tensor(tokens.text_lengths[rows]),
+        image_tokens=tensor(tokens.image_tokens[images].reshape(len(images), -1)),
+    )
+
+
+def training_batch(tokens: TokenSplit, step: int, batch_size: int, seed: int, device: torch.device) -> Batch:
+    """This rank's share (every world-th pair) of global batch ``step``."""
+    rank, size = world()
+    images = batch_indices(step, len(tokens), batch_size, seed)
+    rows = caption_rows(step, images, tokens.caption_offsets, batch_size, seed)
+    return to_batch(tokens, images[rank::size], rows[rank::size], device)
+
+
+def training_losses(model: torch.nn.Module, prior: Prior, batch: Batch) -> tuple[PriorLosses, Tensor]:
+    """Losses of this rank's share, normalised so that DDP's gradient average equals the gradient of the loss of
+    the whole global batch (text targets differ per rank, so each rank divides by the global count / world).
+    Returns the losses and the global number of text targets."""
+    _, size = world()
+    global_count = all_reduce_sum(text_targets(batch.text_lengths).double().reshape(1))[0]
+    with torch.autocast(batch.image_tokens.device.type, dtype=torch.bfloat16, enabled=batch.image_tokens.is_cuda):
+        logits, _ = model(*batch)
+    return prior.losses(logits, *batch, text_count=global_count / size), global_count
+
+
+@torch.no_grad()
+def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torch.device, batch_size: int = 250):
+    """Text and image NLL with each image's first caption, over the first ``n_images`` images (sharded over
+    ranks, summed exactly)."""
+    rank, size = world()
+    prior.eval()
+    n_images = min(n_images, len(tokens))
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # text CE, text targets, image CE, image tokens
+    shard = np.arange(n_images)[rank::size]
+    for start in range(0, len(shard), batch_size):
+        images = shard[start : start + batch_size]
+        batch = to_batch(tokens, images, tokens.caption_offsets[images], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits, _ = prior(*batch)
+        losses = prior.losses(logits, *batch)
+        count = text_targets(batch.text_lengths).double()
+        n_image = float(batch.image_tokens.numel())
+        sums += torch.stack([losses.text_nll * count, count, losses.image_nll * n_image, count.new_tensor(n_image)])
+    text_ce, text_count, image_ce, image_count = all_reduce_sum(sums).tolist()
+    text_nll, image_nll = text_ce / max(text_count, 1), image_ce / image_count
+    w = prior.cfg.text_loss_weight
+    return {
+        "val_loss": w * text_nll + (1 - w) * image_nll,
+        "val_text_nll": text_nll,
+        "val_image_nll": image_nll,
+        "val_image_bits": image_nll / math.log(2),
+    }
+
+
+def resume_config(cfg: PriorConfig, seed: int, geometry: PriorGeometry, data_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
+    config = {f"prior.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in PriorConfig.CADENCE_KEYS}
+    config.update({f"geometry.{k}": v for k, v in dataclasses.asdict(geometry).items()})
+    return {**config, "seed": seed, "data": data_fingerprint}
+
+
+def train_prior(
+    cfg: PriorConfig,
+    seed: int,
+    geometry: PriorGeometry,
+    train_tokens: TokenSplit,
+    val_tokens: TokenSplit,
+    checkpoint_path: Path | None = None,
+    data_fingerprint: str = "",
+    callbacks: Callbacks | None = None,
+    sample_text: tuple[Tensor, Tensor] | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train on token arrays (memory-mapped is fine). ``sample_text`` (ids, lengths) are the captions sampled for
+    ``callbacks.on_samples`` every ``sample_every`` steps. Under torchrun, call on every rank; rank 0 alone calls
+    the callbacks and writes checkpoints, and ``batch_size`` is the global batch."""
+    rank, size = world()
+    if cfg.batch_size % size:
+        raise ValueError(f"prior.batch_size={cfg.batch_size} must be divisible by the {size} data-parallel processes")
+    callbacks = callbacks or Callbacks()
+    device = device or default_device()
+    if cfg.attn_impl == "flex" and device.type == "cpu":
+        raise ValueError(
+            f"prior.attn_impl: flex cannot train on CPU: torch {torch.__version__} has no flex-attention backward "
+            "there. Train with dense on CPU; flex trains on CUDA, and speeds up evaluation on either."
+        )
+    torch.manual_seed(seed)
+    prior = Prior(cfg, geometry).to(device)
+    if cfg.attn_impl == "flex":
+        prior.use_compiled_flex()
+    optimizer = adamw(prior, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
+    config = resume_config(cfg, seed, geometry, data_fingerprint)
+    step, history, val_history = 0, [], []
+    window = dict.fromkeys(WINDOW_KEYS, 0.0)
+    state = resumable_state(checkpoint_path, config, "prior") if cfg.resume else None
+    if state is not None:
+        prior.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, history, val_history, window = state["step"], state["history"], state["val_history"], state["window"]
+        restore_rng(state, device)
+    # Without torch.distributed the model is used as is; DDP broadcasts rank 0's weights at construction.
+    model = prior
+    if size > 1:
+        model = DistributedDataParallel(prior, device_ids=[device] if device.type == "cuda" else None)
+
+    def checkpoint() -> None:
+        if checkpoint_path is None or rank != 0:
+            return
+        state = {
+            "model": prior.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "history": history,
+            "val_history": val_history,
+            "config": config,
+            "window": window,
+            **rng_state(device),
+        }
+        save_checkpoint(checkpoint_path, state)
+
+    def sample() -> None:
+        if rank != 0 or sample_text is None:
+            return
+        prior.eval()
+        generator = torch.Generator(device).manual_seed(seed)  # the same draw at every interval: comparable grids
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_tokens = sample_image_tokens(prior, *(t.to(device) for t in sample_text), generator=generator)
+        grid = geometry.grid
+        callbacks.on_samples(step, image_tokens.view(-1, grid, grid).cpu().numpy())
+
+    progress = tqdm(total=cfg.steps, initial=step, desc="train_prior", unit="step", disable=rank != 0)
+    model.train()
+    while step < cfg.steps:
+        started = time.perf_counter()
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
+        set_lr(optimizer, lr)
+        batch = training_batch(train_tokens, step, cfg.batch_size, seed, device)
+        losses, global_text_count = training_losses(model, prior, batch)
+        if not torch.isfinite(losses.loss):
+            raise FloatingPointError(
+                f"non-finite prior loss at step {step} on rank {rank}: text_nll={losses.text_nll.item()}, "
+                f"image_nll={losses.image_nll.item()}; the last good checkpoint is kept at {checkpoint_path}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+
+        local_text_count = text_targets(batch.text_lengths).item()
+        window["text_ce"] += losses.text_nll.item() * global_text_count.item() / size
+        window["text_count"] += local_text_count
+        window["image_ce"] += losses.image_nll.item() * batch.image_tokens.numel()
+        window["image_count"] += batch.image_tokens.numel()
+        window["grad_norm"] += grad_norm.item() / size  # identical on every rank after the all-reduce
+        window["steps"] += 1 / size
+        window["tokens"] += len(batch.text_ids) * geometry.seq_len
+        window["seconds"] += (time.perf_counter() - started) / size
+        progress.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            sums = dict(zip(WINDOW_KEYS, all_reduce_sum(torch.tensor(list(window.values()), device=device)).tolist()))
+            text_nll, image_nll = sums["text_ce"] / max(sums["text_count"], 1), sums["image_ce"] / sums["image_count"]
+            w = cfg.text_loss_weight
+            row = {
+                "step": step,
+                "loss": w * text_nll + (1 - w) * image_nll,
+                "text_nll": text_nll,
+                "image_nll": image_nll,
+                "image_bits": image_nll / math.log(2),
+                "grad_norm": sums["grad_norm"] / sums["steps"],
+                "lr": lr,
+                "tokens_per_s": sums["tokens"] / sums["seconds"],
+            }
+            window = dict.fromkeys(WINDOW_KEYS, 0.0)
+            history.append(row)
+            if rank == 0:
+                callbacks.on_train_log(step, {k: v for k, v in row.items() if k != "step"})
+            shown = {"text": text_nll, "bits": row["image_bits"], "tok_s": row["tokens_per_s"]}
+            progress.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            metrics = evaluate_prior(prior, val_tokens, cfg.val_images, device)
+            val_history.append({"step": step, **metrics})
+            if rank == 0:
+                callbacks.on_validation(step, metrics)
+            model.train()
+        if step % cfg.sample_every == 0 or step == cfg.steps:
+            sample()
+            model.train()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+    progress.close()
+    return TrainResult(prior.eval(), {k: v for k, v in val_history[-1].items() if k != "step"}, history, val_history)

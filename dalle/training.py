@@ -1,0 +1,72 @@
+"""Plumbing shared by the training loops (dVAE, prior): device choice, batches that are a pure function of the
+step (so a resumed run sees exactly the batches an uninterrupted one would), AdamW parameter groups, RNG state,
+and resuming from a checkpoint only when it was made with the same weight-shaping config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def epoch_of(step: int, n_items: int, batch_size: int) -> tuple[int, int]:
+    """(epoch, batch position within it) of training batch ``step``; a partial last batch is dropped."""
+    return divmod(step, max(n_items // batch_size, 1))
+
+
+def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of training batch ``step``: epochs of seeded permutations."""
+    epoch, position = epoch_of(step, n_items, batch_size)
+    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
+    return np.sort(perm[position * batch_size : (position + 1) * batch_size])  # sorted: sequential memmap reads
+
+
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices and kernels only (no decay on biases and norm gains)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim > 1 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
+def resumable_state(checkpoint_path: Path | None, config: dict[str, Any], section: str) -> dict[str, Any] | None:
+    """The checkpoint at ``checkpoint_path`` if there is one; it must have been made with ``config``."""
+    if checkpoint_path is None or not checkpoint_path.is_file():
+        return None
+    state = load_checkpoint(checkpoint_path)
+    diff = config_diff(state["config"], config)
+    if diff:
+        raise CheckpointMismatch(
+            f"checkpoint {checkpoint_path} was made with a different config: {'; '.join(diff)}. "
+            f"Restore those values, or set {section}.resume: false to start fresh."
+        )
+    return state

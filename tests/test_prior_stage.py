@@ -1,0 +1,149 @@
+"""train_prior stage on a tiny config: files, MLflow curves and sample grids, resume after a kill, torchrun DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from test_dvae_stages import stage_args, tiny_params
+
+from dalle.prior import load_prior
+from pipelines import encode, prepare, train_dvae, train_prior
+
+REPO = Path(__file__).resolve().parents[1]
+PRIOR = dict(
+    n_layers=2,
+    n_heads=2,
+    d_model=32,
+    batch_size=8,
+    steps=6,
+    warmup_steps=2,
+    val_images=8,
+    log_every=2,
+    val_every=3,
+    sample_every=3,
+    samples=4,
+    checkpoint_every=2,
+)
+
+
+def prior_params(tmp_path: Path, experiment: str, **prior) -> Path:
+    path = tiny_params(tmp_path, experiment)
+    raw = yaml.safe_load(path.read_text())
+    raw["prior"].update({**PRIOR, **prior})
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """prepared data, a dVAE and its tokens, as the stages before train_prior leave them."""
+    root = tmp_path_factory.mktemp("upstream")
+    params = str(prior_params(root, "test-prior-upstream"))
+    prepare.main(["--params", params, "--out", str(root / "prepared")])
+    train_dvae.main(stage_args(root, Path(params), root / "prepared"))
+    encode.main(
+        ["--params", params, "--prepared", str(root / "prepared"), "--models", str(root / "models")]
+        + ["--out", str(root / "tokens"), "--reports", str(root / "enc")]
+    )
+    return root
+
+
+def prior_args(tmp_path: Path, params: Path, upstream: Path) -> list[str]:
+    return [
+        "--params",
+        str(params),
+        "--prepared",
+        str(upstream / "prepared"),
+        "--tokens",
+        str(upstream / "tokens"),
+        "--dvae",
+        str(upstream / "models"),
+        "--models",
+        str(tmp_path / "prior"),
+        "--reports",
+        str(tmp_path / "reports"),
+        "--checkpoint",
+        str(tmp_path / "ckpt" / "last.pt"),
+    ]
+
+
+def runs(client: MlflowClient, experiment: str):
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], "tags.stage = 'train_prior'")
+
+
+def test_train_prior_writes_model_reports_and_mlflow_run(tmp_path, upstream, mlflow_store):
+    params = prior_params(tmp_path, "test-prior-stage")
+    train_prior.main(prior_args(tmp_path, params, upstream))
+    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["config.json", "model.safetensors"]
+    prior = load_prior(tmp_path / "prior")
+    assert prior.geometry.grid == 4 and prior.geometry.text_len == 32 and prior.geometry.image_vocab == 16
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["world_size"] == 1 and metrics["tokens_per_s"] > 0
+    assert 0 < metrics["val_image_bits"] < 8 and metrics["val_text_nll"] > 0 and metrics["peak_memory_mb"] > 0
+    with (tmp_path / "reports" / "history.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert {"loss", "text_nll", "image_nll", "image_bits", "grad_norm", "lr", "tokens_per_s"} <= set(rows[0])
+    assert (tmp_path / "reports" / "samples.png").is_file()
+    assert not (tmp_path / "ckpt" / "last.pt").exists()
+
+    client = MlflowClient(mlflow_store)
+    (run,) = runs(client, "test-prior-stage")
+    history = {key: client.get_metric_history(run.info.run_id, key) for key in ("train_image_bits", "val_text_nll")}
+    assert [m.step for m in history["train_image_bits"]] == [2, 4, 6]
+    assert [m.step for m in history["val_text_nll"]] == [3, 6]
+    assert run.data.params["prior.schedule"] == "paper"
+    assert len(client.list_artifacts(run.info.run_id, "images")) >= 2, "a sample grid at steps 3 and 6"
+
+
+def test_resumes_after_a_kill_into_the_same_mlflow_run(tmp_path, upstream, mlflow_store, monkeypatch):
+    params = prior_params(tmp_path, "test-prior-resume")
+    original = train_prior.MlflowCallbacks.on_train_log
+
+    def killed(self, step, metrics):
+        original(self, step, metrics)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_prior.MlflowCallbacks, "on_train_log", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior.main(prior_args(tmp_path, params, upstream))
+    assert (tmp_path / "ckpt" / "last.pt").is_file() and not (tmp_path / "prior").exists()
+    monkeypatch.undo()
+    train_prior.main(prior_args(tmp_path, params, upstream))
+    (run,) = runs(MlflowClient(mlflow_store), "test-prior-resume")
+    assert run.info.status == "FINISHED"
+
+
+def test_torchrun_two_processes_match_one(tmp_path, upstream, mlflow_store):
+    params = prior_params(tmp_path, "test-prior-ddp")
+    train_prior.main(prior_args(tmp_path / "one", params, upstream))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    args = prior_args(tmp_path / "two", params, upstream)
+    result = subprocess.run(
+        [*command, "-m", "pipelines.train_prior", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "reports" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "reports" / "metrics.json").read_text())
+    assert two["world_size"] == 2
+    for key in ("val_text_nll", "val_image_nll"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4)
+    assert len(runs(MlflowClient(mlflow_store), "test-prior-ddp")) == 2  # one per execution, rank 0 only
+
+
+def test_without_a_dvae_names_the_stage_to_run(tmp_path, upstream):
+    args = prior_args(tmp_path, prior_params(tmp_path, "x"), upstream)
+    args[args.index("--dvae") + 1] = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="run the train_dvae stage first"):
+        train_prior.main(args)
