@@ -191,7 +191,8 @@ class PriorConfig:
     attn_impl: Literal["dense", "flex"] = "dense"
     text_loss_weight: float = 0.125
     dropout: float = 0.0
-    lr: float = 1e-3
+    null_text_prob: float = 0.1
+    lr: float = 3e-3
     lr_min: float = 1e-5
     warmup_steps: int = 50
     weight_decay: float = 0.01
@@ -248,6 +249,7 @@ class PriorConfig:
         )
         _check(0 <= self.text_loss_weight <= 1, "text_loss_weight", f"must be in [0, 1], got {self.text_loss_weight}")
         _check(0 <= self.dropout < 1, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(0 <= self.null_text_prob < 1, "null_text_prob", f"must be in [0, 1), got {self.null_text_prob}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr], got {self.lr_min}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")

@@ -106,12 +106,19 @@ def to_batch(tokens: TokenSplit, images: np.ndarray, rows: np.ndarray, device: t
     )
 
 
-def training_batch(tokens: TokenSplit, step: int, batch_size: int, seed: int, device: torch.device) -> Batch:
-    """This rank's share (every world-th pair) of global batch ``step``."""
+def training_batch(
+    tokens: TokenSplit, step: int, batch_size: int, seed: int, device: torch.device, null_text_prob: float = 0.0
+) -> Batch:
+    """This rank's share (every world-th pair) of global batch ``step``. With probability ``null_text_prob`` a
+    pair's caption is dropped (length 0: the all-pad text), which trains the unconditional model that
+    classifier-free guidance contrasts with the conditional one."""
     rank, size = world()
     images = batch_indices(step, len(tokens), batch_size, seed)
     rows = caption_rows(step, images, tokens.caption_offsets, batch_size, seed)
-    return to_batch(tokens, images[rank::size], rows[rank::size], device)
+    dropped = np.random.default_rng([seed, step, 2]).random(len(images)) < null_text_prob
+    batch = to_batch(tokens, images[rank::size], rows[rank::size], device)
+    keep = torch.from_numpy(~dropped[rank::size]).to(device)
+    return batch._replace(text_lengths=batch.text_lengths * keep)
 
 
 def training_losses(model: torch.nn.Module, prior: Prior, batch: Batch) -> tuple[PriorLosses, Tensor]:
@@ -236,7 +243,7 @@ def train_prior(
         started = time.perf_counter()
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        batch = training_batch(train_tokens, step, cfg.batch_size, seed, device)
+        batch = training_batch(train_tokens, step, cfg.batch_size, seed, device, cfg.null_text_prob)
         losses, global_text_count = training_losses(model, prior, batch)
         if not torch.isfinite(losses.loss):
             raise FloatingPointError(

@@ -83,6 +83,18 @@ def test_caption_rows_draw_one_of_each_images_captions_per_epoch():
     assert all(len(set(later[:, image])) > 1 for image in several)
 
 
+def test_null_text_drops_captions_at_the_given_rate_reproducibly():
+    tokens, cpu = colour_tokens(2000), torch.device("cpu")
+    batch = training_batch(tokens, 2, 1000, seed=0, device=cpu, null_text_prob=0.25)
+    plain = training_batch(tokens, 2, 1000, seed=0, device=cpu)
+    dropped = batch.text_lengths == 0
+    assert 0.21 < dropped.float().mean().item() < 0.29 and (plain.text_lengths > 0).all()
+    torch.testing.assert_close(batch.text_lengths[~dropped], plain.text_lengths[~dropped])
+    torch.testing.assert_close(batch.image_tokens, plain.image_tokens)
+    again = training_batch(tokens, 2, 1000, seed=0, device=cpu, null_text_prob=0.25)
+    torch.testing.assert_close(again.text_lengths, batch.text_lengths)
+
+
 def test_learns_a_toy_mapping_to_near_zero_image_loss():
     tokens = colour_tokens(256)
     cfg = tiny_cfg(steps=150, batch_size=32, lr=1e-2, warmup_steps=10, log_every=5, val_every=150, sample_every=150)
