@@ -258,6 +258,85 @@ class PriorConfig:
 
 
 @dataclass(frozen=True)
+class ClipConfig:
+    """The contrastive reranker (§2.6) and its training (stage ``train_clip``)."""
+
+    embed_dim: int = 64
+    text_layers: int = 2
+    text_width: int = 128
+    text_heads: int = 4
+    image_channels: int = 32
+    image_stages: int = 3
+    lr: float = 1e-3
+    lr_min: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    steps: int = 600
+    val_images: int = 500
+    log_every: int = 25
+    val_every: int = 200
+    checkpoint_every: int = 100
+    resume: bool = True
+
+    CADENCE_KEYS = ("val_images", "log_every", "val_every", "checkpoint_every", "resume")
+
+    def __post_init__(self):
+        for key in (
+            "embed_dim",
+            "text_layers",
+            "text_width",
+            "text_heads",
+            "image_stages",
+            "batch_size",
+            "steps",
+            "val_images",
+            "log_every",
+            "val_every",
+            "checkpoint_every",
+        ):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(
+            self.text_width % self.text_heads == 0,
+            "text_width",
+            f"{self.text_width} is not divisible by text_heads={self.text_heads}",
+        )
+        _check(
+            self.image_channels >= 4 and self.image_channels % 4 == 0,
+            "image_channels",
+            f"must be a positive multiple of 4 (group norm), got {self.image_channels}",
+        )
+        _check(self.batch_size >= 2, "batch_size", f"must be >= 2 (contrastive pairs), got {self.batch_size}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.lr_min <= self.lr, "lr_min", f"must be in [0, lr], got {self.lr_min}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Generation with reranking (§2.6): the ``sample`` stage, and the defaults of ``python -m dalle generate``."""
+
+    n_captions: int = 64
+    candidates: int = 16
+    top: int = 1
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance_scale: float = 1.0
+    batch_size: int = 256
+
+    def __post_init__(self):
+        for key in ("n_captions", "candidates", "top", "batch_size"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.top <= self.candidates, "top", f"keeps {self.top} of only {self.candidates} candidates")
+        _check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 1, "top_k", f"must be >= 1 or null, got {self.top_k}")
+        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", f"must be in (0, 1] or null, got {self.top_p}")
+        _check(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -265,6 +344,8 @@ class Params:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dvae: DvaeConfig = field(default_factory=DvaeConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -272,6 +353,11 @@ class Params:
             raise FieldError(
                 "data.image_size",
                 f"{self.data.image_size} is not divisible by dvae.downsample={self.dvae.downsample}",
+            )
+        if self.data.image_size % 2**self.clip.image_stages:
+            raise FieldError(
+                "clip.image_stages",
+                f"2**{self.clip.image_stages} does not divide data.image_size={self.data.image_size}",
             )
 
     @classmethod

@@ -289,17 +289,23 @@ class Prior(nn.Module):
         return self.image_head(h[:, -1]), kv
 
     def step(self, cache: KVCache, image_tokens: Tensor) -> tuple[Tensor, KVCache]:
-        """Feed the next image token (B,) → (logits of the one after it (B, image_vocab), cache updated in place)."""
+        """Feed the next image token (B,), or the next L tokens (B, L) at once (priming) → (logits of the token
+        after the last one fed (B, image_vocab), cache updated in place)."""
         g = self.geometry
-        index = cache.length - g.text_len  # raster index of the token being fed
-        if not 0 <= index < g.grid**2 - 1:
-            raise ValueError(f"step feeds image tokens 0..grid²-2={g.grid**2 - 2} after prefill; cache is at {index}")
+        index = cache.length - g.text_len  # raster index of the first token being fed
         B = cache.keys.shape[1]
-        if image_tokens.shape != (B,) or image_tokens.is_floating_point():
-            raise ValueError(f"image_tokens must be integer (B={B},), got {tuple(image_tokens.shape)}")
+        if image_tokens.ndim == 1:
+            image_tokens = image_tokens[:, None]
+        if image_tokens.ndim != 2 or image_tokens.shape[0] != B or image_tokens.is_floating_point():
+            raise ValueError(f"image_tokens must be integer (B={B},) or (B, L), got {tuple(image_tokens.shape)}")
+        if not (0 <= index and index + image_tokens.shape[1] <= g.grid**2 - 1):
+            raise ValueError(
+                f"step feeds image tokens 0..grid²-2={g.grid**2 - 2} after prefill; cache is at {index}, "
+                f"feeding {image_tokens.shape[1]}"
+            )
         if ((image_tokens < 0) | (image_tokens >= g.image_vocab)).any():
             raise ValueError(f"image_tokens must be in 0..image_vocab-1={g.image_vocab - 1}")
-        h = self._transformer(self._embed_image(image_tokens[:, None], index), cache)
+        h = self._transformer(self._embed_image(image_tokens, index), cache)
         return self.image_head(h[:, -1]), cache
 
 

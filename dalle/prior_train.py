@@ -31,8 +31,8 @@ from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
     batch_indices,
+    caption_rows,
     default_device,
-    epoch_of,
     restore_rng,
     resumable_state,
     rng_state,
@@ -84,15 +84,6 @@ def all_reduce_sum(values: Tensor) -> Tensor:
 def geometry_of(tokens: TokenSplit, text_vocab: int, image_vocab: int) -> PriorGeometry:
     text_len, grid = tokens.text_ids.shape[1], tokens.image_tokens.shape[1]
     return PriorGeometry(text_vocab=text_vocab, text_len=text_len, image_vocab=image_vocab, grid=grid)
-
-
-def caption_rows(step: int, images: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
-    """Rows of ``text_ids`` paired with ``images`` at batch ``step``: one caption per image per epoch."""
-    n_images = len(offsets) - 1
-    epoch, _ = epoch_of(step, n_images, batch_size)
-    draws = np.random.default_rng([seed, epoch, 1]).random(n_images)[images]  # the whole epoch's draw, indexed
-    counts = offsets[images + 1] - offsets[images]
-    return offsets[images] + np.floor(draws * counts).astype(np.int64)
 
 
 def to_batch(tokens: TokenSplit, images: np.ndarray, rows: np.ndarray, device: torch.device) -> Batch:

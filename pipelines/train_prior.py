@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                 return
             config = {**dataclasses.asdict(cfg), "geometry": dataclasses.asdict(geometry)}
             save_weights(result.model, args.models, config)
+            # The prior's text ids mean nothing without their tokenizer: keep it beside the weights.
+            shutil.copyfile(args.prepared / "tokenizer.json", args.models / "tokenizer.json")
             metrics = {
                 **result.final,
                 "steps": cfg.steps,

@@ -1,4 +1,4 @@
-"""train_prior stage on a tiny config: files, MLflow curves and sample grids, resume after a kill, torchrun DDP."""
+"""train_prior, train_clip and sample stages on a tiny config: files, MLflow runs, resume after a kill, torchrun DDP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from test_dvae_stages import stage_args, tiny_params
 
+from dalle import __main__ as cli
 from dalle.prior import load_prior
-from pipelines import encode, prepare, train_dvae, train_prior
+from pipelines import encode, prepare, sample, train_clip, train_dvae, train_prior
 
 REPO = Path(__file__).resolve().parents[1]
 PRIOR = dict(
@@ -147,3 +148,46 @@ def test_without_a_dvae_names_the_stage_to_run(tmp_path, upstream):
     args[args.index("--dvae") + 1] = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="run the train_dvae stage first"):
         train_prior.main(args)
+
+
+def test_train_clip_then_sample_and_generate(tmp_path, upstream, mlflow_store):
+    params = prior_params(tmp_path, "test-clip-sample")
+    raw = yaml.safe_load(params.read_text())
+    raw["clip"].update(batch_size=8, steps=6, warmup_steps=2, val_images=8, log_every=2, val_every=3)
+    raw["clip"].update(text_width=32, text_heads=2, image_channels=8, image_stages=2, checkpoint_every=2)
+    raw["sample"].update(n_captions=4, candidates=3, top=2, batch_size=2)
+    params.write_text(yaml.safe_dump(raw))
+    models = tmp_path / "models"
+    args = prior_args(tmp_path, params, upstream)
+    args[args.index("--models") + 1] = str(models / "prior")
+    train_prior.main(args)
+    train_clip.main(
+        ["--params", str(params), "--prepared", str(upstream / "prepared"), "--tokens", str(upstream / "tokens")]
+        + ["--models", str(models / "clip"), "--reports", str(tmp_path / "clip"), "--checkpoint", str(tmp_path / "c")]
+    )
+    assert {p.name for p in (models / "clip").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    clip_metrics = json.loads((tmp_path / "clip" / "metrics.json").read_text())
+    assert 0 <= clip_metrics["val_text_to_image_top1"] <= clip_metrics["val_text_to_image_top5"] <= 1
+    (models / "dvae").symlink_to(upstream / "models")
+
+    sample.main(
+        ["--params", str(params), "--prepared", str(upstream / "prepared"), "--models", str(models)]
+        + ["--out", str(tmp_path / "samples"), "--reports", str(tmp_path / "sample")]
+    )
+    with (tmp_path / "samples" / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 * 2 and list(rows[0]) == ["caption", "path", "rank", "score"]
+    assert all((tmp_path / "samples" / row["path"]).is_file() for row in rows)
+    metrics = json.loads((tmp_path / "sample" / "metrics.json").read_text())
+    for key in ("seen_all_n1", "seen_all_n3", "held_out_all_n1", "held_out_all_n3", "images_per_s", "cache_speedup"):
+        assert key in metrics, key
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test-clip-sample").experiment_id
+    (run,) = client.search_runs([experiment], "tags.stage = 'sample'")
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"sheet.png", "manifest.csv"}
+    (clip_run,) = client.search_runs([experiment], "tags.stage = 'train_clip'")
+    assert [m.step for m in client.get_metric_history(clip_run.info.run_id, "val_text_to_image_top1")] == [3, 6]
+
+    out = tmp_path / "cli"
+    assert cli.main(["generate", "--caption", "a small red circle", "--out", str(out), "--models", str(models)]) == 0
+    assert (out / "0_0.png").is_file() and (out / "sheet.png").is_file()

@@ -1,0 +1,92 @@
+"""Command line: ``python -m dalle generate --caption "a small red circle in the top left" --out samples/``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dalle.config import SampleConfig
+from dalle.generate import generate, load_models, write_outputs
+from dalle.training import default_device
+
+
+def read_captions(path: Path) -> tuple[list[str], int]:
+    """Captions of a UTF-8 file, one per line → (captions, blank lines skipped)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    captions = [line.strip() for line in lines if line.strip()]
+    if not captions:
+        raise ValueError(f"{path} has no captions (empty or only blank lines)")
+    return captions, len(lines) - len(captions)
+
+
+def parser() -> argparse.ArgumentParser:
+    defaults = SampleConfig()
+    root = argparse.ArgumentParser(prog="python -m dalle", description="DALL-E workbench tools")
+    commands = root.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="draw images for captions, rerank, keep the best")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", type=Path, help="UTF-8 file, one caption per line")
+    source.add_argument("--caption", action="append", help="a caption (repeat for several)")
+    gen.add_argument("--out", type=Path, required=True, help="folder for the PNGs, manifest.csv and sheet.png")
+    gen.add_argument("--candidates", type=int, default=defaults.candidates, help="N images drawn per caption")
+    gen.add_argument("--top", type=int, default=defaults.top, help="K best images kept per caption")
+    gen.add_argument("--temperature", type=float, default=defaults.temperature)
+    gen.add_argument("--top-k", type=int, default=defaults.top_k)
+    gen.add_argument("--top-p", type=float, default=defaults.top_p)
+    gen.add_argument("--guidance", type=float, default=defaults.guidance_scale, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    gen.add_argument("--models", type=Path, default=Path("models"), help="folder with dvae/, prior/, clip/")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    root = parser()
+    args = root.parse_args(argv)
+    if args.top > args.candidates:
+        root.error(f"--top {args.top} is more than --candidates {args.candidates}")
+    try:
+        # Validated like params.yaml's sample section: the same rules, the same messages.
+        SampleConfig(
+            candidates=args.candidates,
+            top=args.top,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+        )
+        if args.captions is not None:
+            captions, blank = read_captions(args.captions)
+            if blank:
+                print(f"skipped {blank} blank line(s) in {args.captions}", file=sys.stderr)
+        else:
+            captions = [c.strip() for c in args.caption]
+            if not all(captions):
+                raise ValueError("--caption must not be blank")
+        models = load_models(args.models, default_device())
+    except (FileNotFoundError, ValueError) as err:
+        root.exit(2, f"error: {err}\n")
+    results = list(
+        generate(
+            models,
+            captions,
+            args.candidates,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            args.guidance,
+            args.seed,
+            args.batch_size,
+        )
+    )
+    manifest = write_outputs(args.out, results, args.top)
+    print(f"{len(captions)} caption(s) × {args.top} image(s) → {manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Text-to-image generation with reranking (§2.6): for each caption, draw N candidates from the prior, decode them
+with the dVAE, score each against the caption with the contrastive reranker and keep the best K.
+
+The output format written by ``write_outputs`` is a contract other tools read: ``<caption index>_<rank>.png``
+per kept image, ``manifest.csv`` with columns ``caption,path,rank,score`` (path relative to the folder, rank 0 =
+best, one row per kept image) and ``sheet.png``, a contact sheet with the captions under their images.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from dalle.clip import Clip, load_clip
+from dalle.dvae import DiscreteVAE, load_dvae
+from dalle.prior import Prior, load_prior
+from dalle.sampling import sample_image_tokens
+from dalle.text import TextTokenizer
+from dalle.viz import contact_sheet
+
+MANIFEST_COLUMNS = ("caption", "path", "rank", "score")
+STAGES = {"dvae": "train_dvae", "prior": "train_prior", "clip": "train_clip"}
+
+
+@dataclass
+class Models:
+    tokenizer: TextTokenizer
+    dvae: DiscreteVAE
+    prior: Prior
+    clip: Clip
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.prior.parameters()).device
+
+
+def load_models(root: str | Path, device: torch.device | str = "cpu") -> Models:
+    """The dVAE, prior (with its tokenizer) and reranker written by the pipeline under ``root``."""
+    root = Path(root)
+    for name, stage in STAGES.items():
+        if not (root / name / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{root / name}/model.safetensors not found; run the {stage} stage first")
+    return Models(
+        tokenizer=TextTokenizer.from_file(root / "prior" / "tokenizer.json"),
+        dvae=load_dvae(root / "dvae", device),
+        prior=load_prior(root / "prior", device),
+        clip=load_clip(root / "clip", device),
+    )
+
+
+@dataclass(frozen=True)
+class Candidates:
+    caption: str
+    images: np.ndarray  # (N, S, S, 3) uint8 in the order drawn
+    scores: np.ndarray  # (N,) reranker score of each candidate against the caption
+
+    def best(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best (images, scores), best first; ties keep the drawing order."""
+        order = np.argsort(-self.scores, kind="stable")[:k]
+        return self.images[order], self.scores[order]
+
+
+def caption_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The random stream of caption ``index``: its candidates do not depend on the other captions or the batch."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return torch.Generator(device).manual_seed(state)
+
+
+@torch.no_grad()
+def generate(
+    models: Models,
+    captions: Sequence[str],
+    candidates: int = 16,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Iterator[Candidates]:
+    """Draw and score ``candidates`` images per caption; yields one ``Candidates`` per caption, in order."""
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, text_len = models.device, models.prior.geometry.text_len
+    encoded = models.tokenizer.encode(list(captions), text_len)
+    for index in np.flatnonzero(encoded.truncated):
+        warnings.warn(
+            f"caption {index} ({captions[index][:40]!r}...) has {encoded.full_lengths[index]} tokens; "
+            f"truncated to text_len={text_len}",
+            stacklevel=2,
+        )
+    grid = models.prior.geometry.grid
+    for index in tqdm(range(len(captions)), desc="generate", unit="caption", disable=not progress):
+        generator = caption_generator(seed, index, device)
+        ids = torch.from_numpy(np.asarray(encoded.ids[index], dtype=np.int64)).to(device)
+        length = torch.tensor(int(encoded.lengths[index]), device=device)
+        images, scores = [], []
+        for start in range(0, candidates, batch_size):
+            n = min(batch_size, candidates - start)
+            text_ids, text_lengths = ids.expand(n, -1), length.expand(n)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                tokens = sample_image_tokens(
+                    models.prior, text_ids, text_lengths, temperature, top_k, top_p, guidance_scale, generator=generator
+                )
+                pixels = models.dvae.decode(tokens.view(n, grid, grid)).float().clamp(0, 1)
+                scores.append(models.clip.score(pixels, text_ids, text_lengths).float().cpu().numpy())
+            images.append((pixels.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy())
+        yield Candidates(captions[index], np.concatenate(images), np.concatenate(scores))
+
+
+def write_outputs(out: str | Path, results: Sequence[Candidates], top: int) -> Path:
+    """Write the kept images, ``manifest.csv`` and ``sheet.png`` into ``out``; returns the manifest path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, sheet_images, sheet_captions = [], [], []
+    for index, result in enumerate(results):
+        images, scores = result.best(top)
+        for rank, (image, score) in enumerate(zip(images, scores)):
+            name = f"{index}_{rank}.png"
+            Image.fromarray(image).save(out / name)
+            rows.append({"caption": result.caption, "path": name, "rank": rank, "score": f"{score:.6f}"})
+            sheet_images.append(image)
+            sheet_captions.append(result.caption if top == 1 else f"{result.caption} (#{rank})")
+    manifest = out / "manifest.csv"
+    tmp = manifest.with_name(f".manifest.csv.tmp-{os.getpid()}")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, manifest)  # a reader never sees half a manifest
+    if sheet_images:
+        contact_sheet(sheet_images, sheet_captions, columns=min(8, len(sheet_images))).save(out / "sheet.png")
+    return manifest

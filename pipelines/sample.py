@@ -1,0 +1,127 @@
+"""DVC stage ``sample``: generations with reranking for a fixed caption set of the test split (half seen
+combinations, half held-out ones on shapes) → ``reports/samples/`` (the ``python -m dalle generate`` format:
+PNGs, manifest.csv, sheet.png) and ``reports/sample/metrics.json``: caption accuracy by the pixel-rule judge of
+the best of N candidates and of the first candidate alone (N = 1, no reranking), and sampling speed with and
+without the key/value cache. One MLflow run with the contact sheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from dalle.data.judge import attribute_accuracy
+from dalle.data.store import load_split
+from dalle.generate import Candidates, generate, load_models, write_outputs
+from dalle.sampling import sample_image_tokens
+from dalle.training import default_device
+from pipelines.params import load_params
+from pipelines.reports import write_json
+from pipelines.tracking import stage_run
+from pipelines.train_dvae import PREPARED
+
+MODELS = Path("models")
+OUT = Path("reports/samples")
+REPORT_DIR = Path("reports/sample")
+
+
+def caption_set(prepared: Path, n: int) -> tuple[list[str], pd.DataFrame]:
+    """First captions of ``n`` test images: on shapes, single-object images, half with seen (colour, shape)
+    pairs and half with held-out ones; otherwise the first ``n``. Returns the captions and their records."""
+    records = load_split(prepared, "test").records
+    if {"n_objects", "held_out"} <= set(records.columns):
+        single = records[records["n_objects"] == 1]
+        held_out = single[single["held_out"]].head(n // 2)
+        records = pd.concat([single[~single["held_out"]].head(n - len(held_out)), held_out])
+    else:
+        records = records.head(n)
+    return [str(captions[0]) for captions in records["captions"]], records.reset_index(drop=True)
+
+
+def accuracy(results: list[Candidates], records: pd.DataFrame, candidates: int) -> dict[str, float]:
+    """Judged caption accuracy (per attribute and all four) of the reranked best and of candidate 0."""
+    metrics: dict[str, float] = {}
+    if "held_out" not in records:
+        return metrics
+    for group, held_out in (("seen", False), ("held_out", True)):
+        rows = np.flatnonzero(records["held_out"].to_numpy() == held_out)
+        if not len(rows):
+            continue
+        chosen = records.iloc[rows].to_dict("records")
+        for label, pick in (("n1", lambda r: r.images[0]), (f"n{candidates}", lambda r: r.best(1)[0][0])):
+            scores = attribute_accuracy([pick(results[i]) for i in rows], chosen)
+            metrics.update({f"{group}_{attribute}_{label}": value for attribute, value in scores.items()})
+    return metrics
+
+
+@torch.no_grad()
+def cache_speedup(models, caption: str, batch: int = 16) -> dict[str, float]:
+    """Images/s of one batch sampled with the key/value cache and by recomputing the prefix at every position."""
+    encoded = models.tokenizer.encode([caption], models.prior.geometry.text_len)
+    device = models.device
+    ids = torch.from_numpy(encoded.ids.astype(np.int64)).to(device).expand(batch, -1)
+    lengths = torch.from_numpy(encoded.lengths.astype(np.int64)).to(device).expand(batch)
+    speed = {}
+    for name, use_cache in (("cached", True), ("uncached", False)):
+        started = time.perf_counter()
+        generator = torch.Generator(device).manual_seed(0)
+        sample_image_tokens(models.prior, ids, lengths, generator=generator, use_cache=use_cache)
+        speed[f"images_per_s_{name}"] = batch / (time.perf_counter() - started)
+    speed["cache_speedup"] = speed["images_per_s_cached"] / speed["images_per_s_uncached"]
+    return speed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=PREPARED)
+    parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    cfg = params.sample
+    models = load_models(args.models, default_device())
+    captions, records = caption_set(args.prepared, cfg.n_captions)
+    with stage_run("sample", params) as run:
+        started = time.monotonic()
+        results = list(
+            generate(
+                models,
+                captions,
+                cfg.candidates,
+                cfg.temperature,
+                cfg.top_k,
+                cfg.top_p,
+                cfg.guidance_scale,
+                params.seed,
+                cfg.batch_size,
+            )
+        )
+        seconds = time.monotonic() - started
+        write_outputs(args.out, results, cfg.top)
+        metrics = {
+            **accuracy(results, records, cfg.candidates),
+            "mean_best_score": float(np.mean([r.scores.max() for r in results])),
+            "images_per_s": len(captions) * cfg.candidates / seconds,
+            **cache_speedup(models, captions[0]),
+            "captions": len(captions),
+            "candidates": cfg.candidates,
+        }
+        write_json(args.reports / "metrics.json", metrics)
+        mlflow.log_metrics(metrics)
+        mlflow.log_artifact(str(args.out / "sheet.png"))
+        mlflow.log_artifact(str(args.out / "manifest.csv"))
+    summary = ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if k.endswith(("all_n1", f"all_n{cfg.candidates}")))
+    print(f"sample: {summary}; {metrics['images_per_s']:.0f} images/s; MLflow run {run.info.run_id}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`python -m dalle generate` on tiny untrained models: files and manifest contract, reranking order,
+reproducibility, and every bad input with its message."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dalle import __main__ as cli
+from dalle.checkpoint import save_weights
+from dalle.clip import Clip
+from dalle.config import ClipConfig, DvaeConfig, PriorConfig
+from dalle.dvae import DiscreteVAE
+from dalle.generate import generate, load_models
+from dalle.prior import Prior, PriorGeometry
+from dalle.text import TextTokenizer
+
+TEXT_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory) -> Path:
+    """dvae/, prior/ (with tokenizer.json) and clip/ as the pipeline writes them, randomly initialised."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tokenizer = TextTokenizer.train(["a small red circle", "a big blue square at the top"] * 20, vocab_size=300)
+    dvae_cfg = DvaeConfig(codebook_size=16, hidden=8, codebook_dim=16)
+    save_weights(DiscreteVAE(dvae_cfg), root / "dvae", {**dataclasses.asdict(dvae_cfg), "image_size": 16})
+    geometry = PriorGeometry(text_vocab=tokenizer.vocab_size, text_len=TEXT_LEN, image_vocab=16, grid=4)
+    prior_cfg = PriorConfig(n_layers=2, n_heads=2, d_model=32, conv_kernel=3)
+    config = {**dataclasses.asdict(prior_cfg), "geometry": dataclasses.asdict(geometry)}
+    save_weights(Prior(prior_cfg, geometry), root / "prior", config)
+    tokenizer.save(root / "prior" / "tokenizer.json")
+    clip_cfg = ClipConfig(embed_dim=16, text_layers=1, text_width=32, text_heads=2, image_channels=8, image_stages=2)
+    geometry = {"text_vocab": tokenizer.vocab_size, "text_len": TEXT_LEN, "image_size": 16}
+    config = {**dataclasses.asdict(clip_cfg), **geometry}
+    save_weights(Clip(clip_cfg, tokenizer.vocab_size, TEXT_LEN, 16), root / "clip", config)
+    return root
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_generate_writes_the_manifest_contract(tmp_path, models_dir, capsys):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a small red circle\n\n  \na big blue square at the top\n", encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["generate", "--captions", str(captions), "--out", str(out), "--models", str(models_dir)]
+    assert cli.main([*args, "--candidates", "5", "--top", "2", "--batch-size", "2", "--top-k", "8"]) == 0
+    assert "skipped 2 blank line(s)" in capsys.readouterr().err
+    rows = read_manifest(out / "manifest.csv")
+    assert list(rows[0]) == ["caption", "path", "rank", "score"]
+    assert [(r["caption"], r["path"], r["rank"]) for r in rows] == [
+        ("a small red circle", "0_0.png", "0"),
+        ("a small red circle", "0_1.png", "1"),
+        ("a big blue square at the top", "1_0.png", "0"),
+        ("a big blue square at the top", "1_1.png", "1"),
+    ]
+    assert float(rows[0]["score"]) >= float(rows[1]["score"]) and float(rows[2]["score"]) >= float(rows[3]["score"])
+    assert all((out / r["path"]).is_file() for r in rows) and (out / "sheet.png").is_file()
+
+
+def test_best_candidates_are_the_highest_scored_and_reproducible(models_dir):
+    models = load_models(models_dir)
+    (first,) = generate(models, ["a small red circle"], candidates=6, seed=3, progress=False)
+    (again,) = generate(models, ["a small red circle"], candidates=6, seed=3, progress=False)
+    np.testing.assert_array_equal(first.images, again.images)
+    images, scores = first.best(2)
+    assert list(scores) == sorted(first.scores, reverse=True)[:2]
+    np.testing.assert_array_equal(images[0], first.images[int(np.argmax(first.scores))])
+    # A caption's candidates do not depend on the captions after it.
+    together, _ = generate(models, ["a small red circle", "a big blue square"], candidates=6, seed=3, progress=False)
+    np.testing.assert_array_equal(together.images, first.images)
+
+
+def test_long_captions_are_truncated_with_a_warning(models_dir):
+    models = load_models(models_dir)
+    with pytest.warns(UserWarning, match="truncated to text_len=8"):
+        list(generate(models, ["a small red circle " * 6], candidates=1, progress=False))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--candidates", "2", "--top", "3"], "--top 3 is more than --candidates 2"),
+        (["--temperature", "0"], "temperature: must be > 0"),
+        (["--top-p", "1.5"], "top_p: must be in (0, 1]"),
+    ],
+)
+def test_bad_options_fail_with_a_message(tmp_path, models_dir, capsys, extra, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--caption", "x", "--out", str(tmp_path), "--models", str(models_dir), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_empty_file_and_missing_models_name_the_problem(tmp_path, models_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--captions", str(empty), "--out", str(tmp_path), "--models", str(models_dir)])
+    assert "has no captions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--caption", "x", "--out", str(tmp_path), "--models", str(tmp_path / "none")])
+    assert "dvae/model.safetensors not found; run the train_dvae stage first" in capsys.readouterr().err
