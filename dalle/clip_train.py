@@ -17,13 +17,12 @@ from tqdm import tqdm
 from dalle.checkpoint import save_checkpoint
 from dalle.clip import Clip
 from dalle.config import ClipConfig
-from dalle.data.tokens import TokenSplit
+from dalle.data.tokens import TokenSplit, caption_rows
 from dalle.pixels import to_float_images
 from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
     batch_indices,
-    caption_rows,
     default_device,
     restore_rng,
     resumable_state,

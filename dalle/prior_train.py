@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from dalle.checkpoint import save_checkpoint
 from dalle.config import PriorConfig
-from dalle.data.tokens import TokenSplit
+from dalle.data.tokens import TokenSplit, caption_rows
 from dalle.prior import Prior, PriorGeometry, PriorLosses, text_targets
 from dalle.sampling import sample_image_tokens
 from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
     batch_indices,
-    caption_rows,
     default_device,
     restore_rng,
     resumable_state,

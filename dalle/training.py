@@ -30,15 +30,6 @@ def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> np.nda
     return np.sort(perm[position * batch_size : (position + 1) * batch_size])  # sorted: sequential memmap reads
 
 
-def caption_rows(step: int, images: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
-    """Rows of ``text_ids`` paired with ``images`` at batch ``step``: one caption per image per epoch."""
-    n_images = len(offsets) - 1
-    epoch, _ = epoch_of(step, n_images, batch_size)
-    draws = np.random.default_rng([seed, epoch, 1]).random(n_images)[images]  # the whole epoch's draw, indexed
-    counts = offsets[images + 1] - offsets[images]
-    return offsets[images] + np.floor(draws * counts).astype(np.int64)
-
-
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices and kernels only (no decay on biases and norm gains)."""
     decay, no_decay = [], []

@@ -18,10 +18,9 @@ from safetensors.torch import load_file
 from dalle import prior_train
 from dalle.checkpoint import CheckpointMismatch, load_checkpoint, save_weights
 from dalle.config import PriorConfig
-from dalle.data.tokens import TokenSplit
+from dalle.data.tokens import TokenSplit, caption_rows
 from dalle.prior import Prior, PriorGeometry, load_prior, text_targets
 from dalle.prior_train import Callbacks, train_prior, training_batch, training_losses
-from dalle.training import caption_rows
 
 GEOMETRY = PriorGeometry(text_vocab=12, text_len=5, image_vocab=8, grid=3)
 STEP = 5  # the batch the data-parallel gradient test compares

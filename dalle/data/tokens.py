@@ -20,6 +20,7 @@ from dalle.data.store import Split
 from dalle.dvae import DiscreteVAE
 from dalle.pixels import to_float_images
 from dalle.text import TextTokenizer
+from dalle.training import epoch_of
 
 FILES = ("image_tokens.npy", "text_ids.npy", "text_lengths.npy", "caption_offsets.npy")
 
@@ -83,3 +84,12 @@ def load_tokens(root: str | Path, split: str) -> TokenSplit:
         raise FileNotFoundError(f"{directory}: missing {', '.join(missing)}; run the encode stage")
     arrays = {name[:-4]: np.load(directory / name, mmap_mode="r") for name in FILES}
     return TokenSplit(**arrays)
+
+
+def caption_rows(step: int, images: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
+    """Rows of ``text_ids`` paired with ``images`` at batch ``step``: one caption per image per epoch."""
+    n_images = len(offsets) - 1
+    epoch, _ = epoch_of(step, n_images, batch_size)
+    draws = np.random.default_rng([seed, epoch, 1]).random(n_images)[images]  # the whole epoch's draw, indexed
+    counts = offsets[images + 1] - offsets[images]
+    return offsets[images] + np.floor(draws * counts).astype(np.int64)
