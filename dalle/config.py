@@ -265,14 +265,14 @@ class ClipConfig:
     text_layers: int = 2
     text_width: int = 128
     text_heads: int = 4
-    image_channels: int = 32
+    image_channels: int = 16
     image_stages: int = 3
     lr: float = 1e-3
     lr_min: float = 1e-5
     warmup_steps: int = 50
     weight_decay: float = 0.01
     batch_size: int = 128
-    steps: int = 600
+    steps: int = 400
     val_images: int = 500
     log_every: int = 25
     val_every: int = 200
@@ -317,7 +317,7 @@ class ClipConfig:
 class SampleConfig:
     """Generation with reranking (§2.6): the ``sample`` stage, and the defaults of ``python -m dalle generate``."""
 
-    n_captions: int = 64
+    n_captions: int = 128
     candidates: int = 16
     top: int = 1
     temperature: float = 1.0

@@ -77,6 +77,10 @@ def repo_copy(tmp_path_factory) -> Path:
         samples=2,
         checkpoint_every=2,
     )
+    raw["clip"].update(
+        text_width=32, text_heads=2, image_channels=8, image_stages=2, batch_size=8, steps=4, val_images=4
+    )
+    raw["sample"].update(n_captions=2, candidates=2, batch_size=2)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -94,12 +98,16 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
         "train_dvae",
         "encode",
         "train_prior",
+        "train_clip",
+        "sample",
     }
     assert (repo_copy / "models/dvae/model.safetensors").is_file()
     assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
     assert json.loads((repo_copy / "reports/dvae/metrics.json").read_text())["steps"] == 4
     assert (repo_copy / "models/prior/model.safetensors").is_file()
     assert json.loads((repo_copy / "reports/prior/metrics.json").read_text())["steps"] == 4
+    assert (repo_copy / "reports/samples/manifest.csv").is_file()
+    assert "seen_all_n2" in json.loads((repo_copy / "reports/sample/metrics.json").read_text())
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 
