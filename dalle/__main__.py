@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from dalle.config import SampleConfig
-from dalle.generate import generate, load_models, write_outputs
+from dalle.generate import generate, load_models, prime_tokens_from_image, write_outputs
 from dalle.training import default_device
 
 
@@ -40,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=defaults.batch_size)
     gen.add_argument("--models", type=Path, default=Path("models"), help="folder with dvae/, prior/, clip/")
+    gen.add_argument("--prime-image", type=Path, help="image whose top rows every candidate keeps (image-to-image)")
+    gen.add_argument("--prime-rows", type=int, default=0, help="token rows of --prime-image to keep")
     return root
 
 
@@ -68,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             if not all(captions):
                 raise ValueError("--caption must not be blank")
         models = load_models(args.models, default_device())
+        prime = None
+        if args.prime_image is not None:
+            if not args.prime_image.is_file():
+                raise FileNotFoundError(f"priming image not found: {args.prime_image}")
+            image = np.asarray(Image.open(args.prime_image).convert("RGB"))
+            prime = prime_tokens_from_image(models, image, args.prime_rows)
+        elif args.prime_rows:
+            raise ValueError("--prime-rows needs --prime-image")
     except (FileNotFoundError, ValueError) as err:
         root.exit(2, f"error: {err}\n")
     results = list(
@@ -81,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.guidance,
             args.seed,
             args.batch_size,
+            prime_tokens=prime,
         )
     )
     manifest = write_outputs(args.out, results, args.top)

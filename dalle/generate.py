@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dalle.clip import Clip, load_clip
 from dalle.dvae import DiscreteVAE, load_dvae
+from dalle.pixels import to_float_images
 from dalle.prior import Prior, load_prior
 from dalle.sampling import sample_image_tokens
 from dalle.text import TextTokenizer
@@ -41,6 +42,10 @@ class Models:
     @property
     def device(self) -> torch.device:
         return next(self.prior.parameters()).device
+
+    @property
+    def dvae_image_size(self) -> int:
+        return self.prior.geometry.grid * self.dvae.cfg.downsample
 
 
 def load_models(root: str | Path, device: torch.device | str = "cpu") -> Models:
@@ -87,8 +92,10 @@ def generate(
     seed: int = 0,
     batch_size: int = 256,
     progress: bool = True,
+    prime_tokens: torch.Tensor | None = None,
 ) -> Iterator[Candidates]:
-    """Draw and score ``candidates`` images per caption; yields one ``Candidates`` per caption, in order."""
+    """Draw and score ``candidates`` images per caption; yields one ``Candidates`` per caption, in order.
+    ``prime_tokens`` (1, n) fixes the first n image tokens of every candidate (see ``prime_tokens_from_image``)."""
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     if batch_size < 1:
@@ -111,13 +118,34 @@ def generate(
             n = min(batch_size, candidates - start)
             text_ids, text_lengths = ids.expand(n, -1), length.expand(n)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                prime = None if prime_tokens is None else prime_tokens.to(device).expand(n, -1)
                 tokens = sample_image_tokens(
-                    models.prior, text_ids, text_lengths, temperature, top_k, top_p, guidance_scale, generator=generator
+                    models.prior,
+                    text_ids,
+                    text_lengths,
+                    temperature,
+                    top_k,
+                    top_p,
+                    guidance_scale,
+                    prime_tokens=prime,
+                    generator=generator,
                 )
                 pixels = models.dvae.decode(tokens.view(n, grid, grid)).float().clamp(0, 1)
                 scores.append(models.clip.score(pixels, text_ids, text_lengths).float().cpu().numpy())
             images.append((pixels.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy())
         yield Candidates(captions[index], np.concatenate(images), np.concatenate(scores))
+
+
+@torch.no_grad()
+def prime_tokens_from_image(models: Models, image: np.ndarray, prime_rows: int) -> torch.Tensor:
+    """The dVAE tokens of the top ``prime_rows`` rows of a uint8 (S, S, 3) image, as (1, prime_rows × grid)."""
+    size, grid = models.dvae_image_size, models.prior.geometry.grid
+    if image.shape != (size, size, 3) or image.dtype != np.uint8:
+        raise ValueError(f"the priming image must be uint8 ({size}, {size}, 3), got {image.dtype} {image.shape}")
+    if not 0 < prime_rows < grid:
+        raise ValueError(f"prime_rows must be in 1..{grid - 1} (the token grid has {grid} rows), got {prime_rows}")
+    tokens = models.dvae.encode(to_float_images(image[None], models.device))  # (1, grid, grid)
+    return tokens[:, :prime_rows].reshape(1, -1)
 
 
 def write_outputs(out: str | Path, results: Sequence[Candidates], top: int) -> Path:

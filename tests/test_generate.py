@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dalle import __main__ as cli
+from dalle import generate as generate_module
 from dalle.checkpoint import save_weights
 from dalle.clip import Clip
 from dalle.config import ClipConfig, DvaeConfig, PriorConfig
 from dalle.dvae import DiscreteVAE
-from dalle.generate import generate, load_models
+from dalle.generate import generate, load_models, prime_tokens_from_image
 from dalle.prior import Prior, PriorGeometry
 from dalle.text import TextTokenizer
 
@@ -109,3 +111,31 @@ def test_empty_file_and_missing_models_name_the_problem(tmp_path, models_dir, ca
     with pytest.raises(SystemExit):
         cli.main(["generate", "--caption", "x", "--out", str(tmp_path), "--models", str(tmp_path / "none")])
     assert "dvae/model.safetensors not found; run the train_dvae stage first" in capsys.readouterr().err
+
+
+def test_priming_keeps_the_images_top_rows(tmp_path, models_dir, monkeypatch):
+    models = load_models(models_dir)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    prime = prime_tokens_from_image(models, image, prime_rows=2)
+    with torch.no_grad():
+        codes = models.dvae.encode(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255)
+    torch.testing.assert_close(prime, codes[:, :2].reshape(1, 8))
+    seen = []
+    original = generate_module.sample_image_tokens
+
+    def spy(*args, **kwargs):
+        tokens = original(*args, **kwargs)
+        seen.append(tokens)
+        return tokens
+
+    monkeypatch.setattr(generate_module, "sample_image_tokens", spy)
+    Image.fromarray(image).save(tmp_path / "prime.png")
+    args = ["generate", "--caption", "a small red circle", "--out", str(tmp_path / "out"), "--models", str(models_dir)]
+    priming = ["--prime-image", str(tmp_path / "prime.png"), "--prime-rows", "2"]
+    assert cli.main([*args, "--candidates", "3", *priming]) == 0
+    (tokens,) = seen
+    torch.testing.assert_close(tokens[:, :8], prime.expand(3, -1))
+    with pytest.raises(ValueError, match="prime_rows must be in 1..3"):
+        prime_tokens_from_image(models, image, prime_rows=4)
+    with pytest.raises(ValueError, match=r"must be uint8 \(16, 16, 3\)"):
+        prime_tokens_from_image(models, image[:8], prime_rows=1)
