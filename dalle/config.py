@@ -191,7 +191,7 @@ class PriorConfig:
     attn_impl: Literal["dense", "flex"] = "dense"
     text_loss_weight: float = 0.125
     dropout: float = 0.0
-    null_text_prob: float = 0.1
+    null_text_prob: float = 0.0
     lr: float = 3e-3
     lr_min: float = 1e-5
     warmup_steps: int = 50
