@@ -84,7 +84,11 @@ def runs(client: MlflowClient, experiment: str):
 def test_train_prior_writes_model_reports_and_mlflow_run(tmp_path, upstream, mlflow_store):
     params = prior_params(tmp_path, "test-prior-stage")
     train_prior.main(prior_args(tmp_path, params, upstream))
-    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     prior = load_prior(tmp_path / "prior")
     assert prior.geometry.grid == 4 and prior.geometry.text_len == 32 and prior.geometry.image_vocab == 16
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
