@@ -337,6 +337,66 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
+class EvalNetConfig:
+    """The evaluation network (``dalle.evalnet``): FID features and caption accuracy (stage ``train_evalnet``)."""
+
+    n_images: int = 6000
+    width: int = 16
+    features: int = 128
+    lr: float = 3e-3
+    batch_size: int = 128
+    steps: int = 300
+
+    def __post_init__(self):
+        for key in ("n_images", "features", "batch_size", "steps"):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(self.width >= 4 and self.width % 4 == 0, "width", f"must be a positive multiple of 4, got {self.width}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The ``evaluate`` stage: FID, FID vs blur, FID and accuracy vs rerank N, NLL on the test split."""
+
+    fid_features: Literal["auto", "inception"] = "auto"
+    inception_weights: str | None = None
+    n_captions: int = 128
+    rerank_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    blur_radii: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+
+    def __post_init__(self):
+        _check(
+            self.fid_features != "inception" or self.inception_weights is not None,
+            "inception_weights",
+            "is required when eval.fid_features is 'inception' (path to the FID Inception-v3 weights file)",
+        )
+        _check(self.n_captions >= 2, "n_captions", f"must be >= 2 (FID needs two samples), got {self.n_captions}")
+        _check(bool(self.rerank_n), "rerank_n", "must list at least one N")
+        _check(all(n >= 1 for n in self.rerank_n), "rerank_n", f"every N must be >= 1, got {list(self.rerank_n)}")
+        _check(list(self.rerank_n) == sorted(set(self.rerank_n)), "rerank_n", "must be increasing, without repeats")
+        _check(all(r >= 0 for r in self.blur_radii), "blur_radii", f"must be >= 0, got {list(self.blur_radii)}")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """The attention-mask ablation: one prior per schedule, same step budget and seed, evaluated alike."""
+
+    schedules: tuple[str, ...] = ("paper", "full", "row", "column", "axial", "conv")
+    steps: int = 100
+    n_captions: int = 128
+
+    def __post_init__(self):
+        from dalle.masks import SCHEDULES
+
+        _check(bool(self.schedules), "schedules", "must list at least one schedule")
+        for name in self.schedules:
+            _check(name in SCHEDULES, "schedules", f"unknown schedule {name!r}; expected names from {SCHEDULES}")
+        _check(len(set(self.schedules)) == len(self.schedules), "schedules", "lists a schedule twice")
+        _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _check(self.n_captions >= 2, "n_captions", f"must be >= 2, got {self.n_captions}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -346,6 +406,9 @@ class Params:
     prior: PriorConfig = field(default_factory=PriorConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    evalnet: EvalNetConfig = field(default_factory=EvalNetConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

@@ -94,18 +94,22 @@ def run_tags(stage: str) -> dict[str, str]:
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, resume_file: Path | None = None) -> Iterator[mlflow.ActiveRun]:
+def stage_run(
+    stage: str, params: Params, resume_file: Path | None = None, tags: dict[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Open the MLflow run of one stage execution, with every param logged and the standard tags set.
 
     With ``resume_file`` (kept beside a training checkpoint), a stage resumed after a kill continues the
     MLflow run it started instead of opening a second one; the caller deletes the file when training ends.
+    ``tags`` are added to the standard ones (e.g. ``mlflow.parentRunId`` to nest the run under another).
     """
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(params.mlflow.experiment, uri)
     run_id = _resumable_run(resume_file, uri, experiment_id)
-    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=stage, tags=run_tags(stage)) as run:
+    all_tags = {**run_tags(stage), **(tags or {})}
+    with mlflow.start_run(run_id=run_id, experiment_id=experiment_id, run_name=stage, tags=all_tags) as run:
         if run_id is None:
             mlflow.log_params({key: str(value) for key, value in params.flat().items()})
         if resume_file is not None:
@@ -115,7 +119,9 @@ def stage_run(stage: str, params: Params, resume_file: Path | None = None) -> It
 
 
 @contextmanager
-def training_run(stage: str, params: Params, checkpoint: Path, resume: bool) -> Iterator[mlflow.ActiveRun]:
+def training_run(
+    stage: str, params: Params, checkpoint: Path, resume: bool, tags: dict[str, str] | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """``stage_run`` for a resumable training stage with its checkpoint at ``checkpoint``.
 
     The MLflow run id is kept beside the checkpoint so that a run resumed after a kill continues its MLflow run.
@@ -126,7 +132,7 @@ def training_run(stage: str, params: Params, checkpoint: Path, resume: bool) -> 
     if not resume:
         checkpoint.unlink(missing_ok=True)
         run_id_file.unlink(missing_ok=True)
-    with stage_run(stage, params, resume_file=run_id_file) as run:
+    with stage_run(stage, params, resume_file=run_id_file, tags=tags) as run:
         yield run
     checkpoint.unlink(missing_ok=True)
     run_id_file.unlink(missing_ok=True)

@@ -1,0 +1,161 @@
+"""DVC stage ``ablate@<schedule>`` (a ``foreach`` over ``ablation.schedules``): the attention-mask ablation.
+
+Trains the prior with one attention schedule under ``ablation.steps`` (the rest of ``prior`` unchanged, same seed),
+then scores it like ``evaluate`` at N = 1 (no reranking: the prior alone): FID against the real test images and
+caption accuracy (seen / held-out) by the evaluation network, test NLL, training tokens/s and peak memory. Writes
+``reports/ablation/<schedule>/metrics.json``; MLflow gets one child run per schedule under one parent run per
+ablation (found by a key of the params it shares), which ``ablation_summary`` completes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from dalle.config import Params
+from dalle.data.store import load_split
+from dalle.data.tokens import load_tokens
+from dalle.fid import frechet_distance
+from dalle.generate import generate, load_models
+from dalle.masks import layer_kinds
+from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
+from dalle.training import default_device
+from pipelines.evaluate import accuracy_by_group, feature_space, load_evalnet_or_none
+from pipelines.params import load_params
+from pipelines.reports import write_csv, write_json
+from pipelines.sample import caption_set
+from pipelines.tracking import tracking_uri, training_run
+from pipelines.train_dvae import PREPARED
+from pipelines.train_prior import TOKENS, data_fingerprint, peak_memory_mb
+
+MODELS = Path("models")
+REPORT_DIR = Path("reports/ablation/runs")  # one folder per schedule; the summary sits one level up
+CHECKPOINTS = Path("checkpoints/ablation")
+
+
+class MlflowCallbacks(Callbacks):
+    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+
+
+def ablation_key(params: Params, fingerprint: str) -> str:
+    """Identifies one ablation: the schedules, their shared prior settings, seed and data."""
+    shared = {k: v for k, v in params.flat().items() if k.startswith(("prior.", "ablation.", "sample.")) or k == "seed"}
+    shared.pop("prior.schedule")
+    return hashlib.sha256(json.dumps([shared, fingerprint], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parent_run(params: Params, key: str) -> str:
+    """The MLflow parent run of this ablation: the newest with this key, or a new one."""
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id], f"tags.ablation_key = '{key}' and tags.stage = 'ablation'", max_results=1
+    )
+    if runs:
+        return runs[0].info.run_id
+    tags = {"stage": "ablation", "ablation_key": key}
+    run = client.create_run(experiment.experiment_id, run_name="ablation", tags=tags)
+    client.log_param(run.info.run_id, "ablation.schedules", ",".join(params.ablation.schedules))
+    return run.info.run_id
+
+
+def ablation_prior_config(params: Params, schedule: str):
+    steps = params.ablation.steps
+    return dataclasses.replace(
+        params.prior,
+        schedule=schedule,
+        steps=steps,
+        warmup_steps=min(params.prior.warmup_steps, steps // 2),
+        log_every=min(params.prior.log_every, steps),
+        val_every=steps,
+        sample_every=steps,
+        checkpoint_every=min(params.prior.checkpoint_every, steps),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--schedule", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=PREPARED)
+    parser.add_argument("--tokens", type=Path, default=TOKENS)
+    parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
+    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    if args.schedule not in params.ablation.schedules:
+        raise ValueError(f"--schedule {args.schedule!r} is not in ablation.schedules {list(params.ablation.schedules)}")
+    cfg = ablation_prior_config(params, args.schedule)
+    device = default_device()
+    models = load_models(args.models, device)
+    evalnet = load_evalnet_or_none(args.models / "evalnet", device)
+    train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
+    geometry = geometry_of(train_tokens, models.tokenizer.vocab_size, models.dvae.cfg.codebook_size)
+    fingerprint = data_fingerprint(args.tokens)
+    parent = parent_run(params, ablation_key(params, fingerprint))
+    checkpoint = args.checkpoints / f"{args.schedule}.pt"
+    out = args.reports / args.schedule
+    tags = {"mlflow.parentRunId": parent, "ablation_schedule": args.schedule}
+    with training_run(f"ablate@{args.schedule}", params, checkpoint, cfg.resume, tags) as run:
+        if not run.data.params.get("ablation.layer_kinds"):
+            kinds = ",".join(layer_kinds(cfg.schedule, cfg.n_layers))
+            mlflow.log_params({"ablation.schedule": args.schedule, "ablation.layer_kinds": kinds})
+        started = time.monotonic()
+        callbacks = MlflowCallbacks()
+        result = train_prior(
+            cfg, params.seed, geometry, train_tokens, val_tokens, checkpoint, fingerprint, callbacks, device=device
+        )
+        seconds = time.monotonic() - started
+        captions, records = caption_set(args.prepared, params.ablation.n_captions)
+        prior_models = dataclasses.replace(models, prior=result.model)
+        sampling = params.sample
+        started_sampling = time.monotonic()
+        images = np.stack(
+            [
+                candidates.images[0]
+                for candidates in generate(
+                    prior_models, captions, 1, sampling.temperature, sampling.top_k, sampling.top_p, 1.0, params.seed
+                )
+            ]
+        )
+        sampling_seconds = time.monotonic() - started_sampling
+        name, features = feature_space(params.eval.fid_features, params.eval.inception_weights, models, evalnet)
+        real = np.asarray(load_split(args.prepared, "test").images)
+        nll = evaluate_prior(result.model, load_tokens(args.tokens, "test"), len(real), device)
+        metrics = {
+            "schedule": args.schedule,
+            "steps": cfg.steps,
+            f"fid_{name}": frechet_distance(features(real), features(images)),
+            "test_text_nll": nll["val_text_nll"],
+            "test_image_bits": nll["val_image_bits"],
+            "tokens_per_s": float(np.median([row["tokens_per_s"] for row in result.history])),
+            "train_seconds_this_run": round(seconds, 1),
+            "images_per_s": len(captions) / sampling_seconds,
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "mlflow_run_id": run.info.run_id,
+            "mlflow_parent_run_id": parent,
+        }
+        for group, accuracy in accuracy_by_group(evalnet, images, records).items():
+            metrics[f"accuracy_all_{group}"] = accuracy["all"]
+        write_json(out / "metrics.json", metrics)
+        write_csv(out / "history.csv", result.history)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    print(f"ablate@{args.schedule}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""DVC stage ``evaluate``: the paper's evaluation (§3.2, Fig. 9) on the test split, plus zero-shot caption accuracy.
+
+For ``eval.n_captions`` test captions (half seen, half held-out colour-shape pairs on shapes) it draws
+max(``eval.rerank_n``) candidates each and measures, for every N in ``rerank_n``, the best of the first N by the
+reranker: FID against all real test images, caption accuracy by the evaluation network (seen / held-out) and the
+reranker score. At the headline N (``sample.candidates``) it also gives FID vs Gaussian blur of both sets, FID of
+dVAE reconstructions (the floor the prior can reach) and accuracy by attribute, and it scores the prior's text and
+image NLL on the test split. FID is named by its feature network: ``fid_evalnet`` (default), ``fid_inception``
+(``eval.fid_features: inception``) or ``fid_reranker`` (datasets without attribute labels).
+Outputs: ``reports/eval/metrics.json`` (DVC metrics), ``fid_vs_n.csv``, ``fid_vs_blur.csv``,
+``accuracy_by_attribute.csv`` (DVC plots) and PNG figures; all in one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dalle.data.store import load_split  # noqa: E402
+from dalle.data.tokens import load_tokens  # noqa: E402
+from dalle.dvae_train import reconstruct  # noqa: E402
+from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features, load_evalnet  # noqa: E402
+from dalle.fid import InceptionFeatures, blur, frechet_distance  # noqa: E402
+from dalle.generate import Candidates, Models, generate, load_models  # noqa: E402
+from dalle.pixels import to_float_images  # noqa: E402
+from dalle.prior_train import evaluate_prior  # noqa: E402
+from dalle.training import default_device  # noqa: E402
+from pipelines.params import load_params  # noqa: E402
+from pipelines.reports import write_csv, write_json  # noqa: E402
+from pipelines.sample import caption_set  # noqa: E402
+from pipelines.tracking import stage_run  # noqa: E402
+from pipelines.train_dvae import PREPARED  # noqa: E402
+from pipelines.train_prior import TOKENS  # noqa: E402
+
+MODELS = Path("models")
+REPORT_DIR = Path("reports/eval")
+Features = Callable[[np.ndarray], np.ndarray]
+
+
+def load_evalnet_or_none(directory: Path, device: torch.device) -> EvalNet | None:
+    config = directory / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found; run the train_evalnet stage first")
+    return None if json.loads(config.read_text()).get("fallback") else load_evalnet(directory, device)
+
+
+def feature_space(
+    fid_features: str, weights: str | None, models: Models, evalnet: EvalNet | None
+) -> tuple[str, Features]:
+    """(name, images → features) of the network FID is measured in."""
+    if fid_features == "inception":
+        return "inception", InceptionFeatures(weights, models.device)
+    if evalnet is not None:
+        return "evalnet", lambda images: image_features(evalnet, images)
+
+    @torch.no_grad()
+    def reranker(images: np.ndarray) -> np.ndarray:
+        chunks = [
+            models.clip.encode_image(to_float_images(images[i : i + 500], models.device)).double().cpu().numpy()
+            for i in range(0, len(images), 500)
+        ]
+        return np.concatenate(chunks)
+
+    return "reranker", reranker
+
+
+def best_of_first(result: Candidates, n: int) -> tuple[np.ndarray, float]:
+    """The reranker's pick among the first ``n`` candidates (what drawing only n would have given)."""
+    index = int(np.argmax(result.scores[:n]))
+    return result.images[index], float(result.scores[index])
+
+
+def accuracy_by_group(evalnet: EvalNet | None, images: np.ndarray, records) -> dict[str, dict[str, float]]:
+    """Caption accuracy per attribute and ``all``, for ``seen`` and ``held_out`` captions."""
+    if evalnet is None or not set(HEADS) <= set(records.columns):
+        return {}
+    groups = {}
+    held_out = records["held_out"].to_numpy() if "held_out" in records else np.zeros(len(records), bool)
+    single = (records["n_objects"] == 1).to_numpy() if "n_objects" in records else np.ones(len(records), bool)
+    for name, flag in (("seen", False), ("held_out", True)):
+        rows = np.flatnonzero((held_out == flag) & single)
+        if len(rows):
+            groups[name] = caption_accuracy(evalnet, images[rows], records.iloc[rows].to_dict("records"))
+    return groups
+
+
+def figures(out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_attribute: list[dict]) -> list[Path]:
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r["radius_256px"] for r in by_blur], [r["fid_generated"] for r in by_blur], "o-", label="generated")
+    ax.plot([r["radius_256px"] for r in by_blur], [r["fid_reconstruction"] for r in by_blur], "s--", label="dVAE recon")
+    ax.set(xlabel="Gaussian blur radius (px at 256 px)", ylabel=fid_key, title="FID vs blur (paper Fig. 9)")
+    ax.legend()
+    paths.append(out / "fid_vs_blur.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
+
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    ns = [r["n"] for r in by_n]
+    ax[0].plot(ns, [r[fid_key] for r in by_n], "o-")
+    ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N")
+    for key in ("accuracy_seen", "accuracy_held_out"):
+        if key in by_n[0]:
+            ax[1].plot(ns, [r[key] for r in by_n], "o-", label=key.removeprefix("accuracy_"))
+    ax[1].set(xscale="log", xlabel="candidates reranked (N)", ylabel="caption accuracy (all 4)", ylim=(0, 1.02))
+    ax[1].legend()
+    paths.append(out / "fid_vs_n.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
+
+    if by_attribute:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        attributes = [*HEADS, "all"]
+        for offset, group in ((-0.2, "seen"), (0.2, "held_out")):
+            values = {r["attribute"]: r["accuracy"] for r in by_attribute if r["group"] == group}
+            ax.bar(np.arange(len(attributes)) + offset, [values.get(a, 0) for a in attributes], 0.4, label=group)
+        ax.set(xticks=range(len(attributes)), xticklabels=attributes, ylim=(0, 1.02), ylabel="accuracy")
+        ax.legend()
+        paths.append(out / "accuracy_by_attribute.png")
+        fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=PREPARED)
+    parser.add_argument("--tokens", type=Path, default=TOKENS)
+    parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    cfg, sampling = params.eval, params.sample
+    device = default_device()
+    models = load_models(args.models, device)
+    evalnet = load_evalnet_or_none(args.models / "evalnet", device)
+    captions, records = caption_set(args.prepared, cfg.n_captions)
+    test = load_split(args.prepared, "test")
+    headline = sampling.candidates if sampling.candidates in cfg.rerank_n else cfg.rerank_n[-1]
+    with stage_run("evaluate", params):
+        name, features = feature_space(cfg.fid_features, cfg.inception_weights, models, evalnet)
+        fid_key = f"fid_{name}"
+        results = list(
+            generate(
+                models,
+                captions,
+                cfg.rerank_n[-1],
+                sampling.temperature,
+                sampling.top_k,
+                sampling.top_p,
+                sampling.guidance_scale,
+                params.seed,
+                sampling.batch_size,
+            )
+        )
+        real = np.asarray(test.images)
+        real_features = features(real)
+        by_n, chosen_at = [], {}
+        for n in cfg.rerank_n:
+            picks = [best_of_first(result, n) for result in results]
+            images = np.stack([image for image, _ in picks])
+            chosen_at[n] = images
+            row = {"n": n, fid_key: frechet_distance(real_features, features(images))}
+            row["reranker_score"] = float(np.mean([score for _, score in picks]))
+            for group, accuracy in accuracy_by_group(evalnet, images, records).items():
+                row[f"accuracy_{group}"] = accuracy["all"]
+            by_n.append(row)
+
+        generated = chosen_at[headline]
+        recon = reconstruct(models.dvae, real, device)
+        by_blur = []
+        for radius in cfg.blur_radii:
+            sigma = radius * params.data.image_size / 256  # the paper's radii are pixels of 256 px images
+            blurred_real = features(blur(real, sigma))
+            by_blur.append(
+                {
+                    "radius_256px": radius,
+                    "sigma_px": sigma,
+                    "fid_generated": frechet_distance(blurred_real, features(blur(generated, sigma))),
+                    "fid_reconstruction": frechet_distance(blurred_real, features(blur(recon, sigma))),
+                }
+            )
+        groups = accuracy_by_group(evalnet, generated, records)
+        by_attribute = [
+            {"attribute": attribute, "group": group, "accuracy": value}
+            for group, accuracy in groups.items()
+            for attribute, value in accuracy.items()
+        ]
+        test_tokens = load_tokens(args.tokens, "test")
+        nll = evaluate_prior(models.prior, test_tokens, len(test_tokens), device)
+        metrics: dict = {
+            fid_key: by_n[cfg.rerank_n.index(headline)][fid_key],
+            f"{fid_key}_reconstruction": by_blur[0]["fid_reconstruction"] if cfg.blur_radii[0] == 0 else None,
+            "headline_n": headline,
+            "reranker_score": by_n[cfg.rerank_n.index(headline)]["reranker_score"],
+            "test_text_nll": nll["val_text_nll"],
+            "test_image_nll": nll["val_image_nll"],
+            "test_image_bits": nll["val_image_bits"],
+            "captions": len(captions),
+        }
+        if metrics[f"{fid_key}_reconstruction"] is None:
+            metrics[f"{fid_key}_reconstruction"] = frechet_distance(real_features, features(recon))
+        for group, accuracy in groups.items():
+            metrics.update({f"accuracy_{attribute}_{group}": value for attribute, value in accuracy.items()})
+        for group, accuracy in accuracy_by_group(evalnet, real, test.records).items():
+            metrics[f"real_accuracy_all_{group}"] = accuracy["all"]
+
+        args.reports.mkdir(parents=True, exist_ok=True)
+        write_json(args.reports / "metrics.json", metrics)
+        write_csv(args.reports / "fid_vs_n.csv", by_n)
+        write_csv(args.reports / "fid_vs_blur.csv", by_blur)
+        if by_attribute:
+            write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute)
+        pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for row in by_n:
+            mlflow.log_metrics({f"{k}_vs_n": float(v) for k, v in row.items() if k != "n"}, step=row["n"])
+        for path in [*args.reports.glob("*.csv"), args.reports / "metrics.json", *pictures]:
+            mlflow.log_artifact(str(path))
+    print(
+        f"evaluate: {fid_key} {metrics[fid_key]:.2f} (reconstructions {metrics[f'{fid_key}_reconstruction']:.2f}) "
+        f"at N={headline}; " + ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if k.startswith("accuracy_all"))
+    )
+
+
+if __name__ == "__main__":
+    main()
