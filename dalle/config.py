@@ -125,7 +125,7 @@ class DvaeConfig:
     recon_loss: Literal["logit_laplace", "mse", "smooth_l1"] = "mse"
     tau_start: float = 1.0
     tau_end: float = 0.0625
-    tau_steps: int = 1000
+    tau_steps: int = 800
     hard: bool = False
     kl_weight: float = 0.05
     kl_warmup_steps: int = 300
@@ -135,7 +135,7 @@ class DvaeConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     batch_size: int = 64
-    steps: int = 1000
+    steps: int = 800
     val_images: int = 500
     log_every: int = 50
     val_every: int = 250
@@ -272,7 +272,7 @@ class ClipConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     batch_size: int = 128
-    steps: int = 400
+    steps: int = 300
     val_images: int = 500
     log_every: int = 25
     val_every: int = 200
@@ -342,10 +342,10 @@ class EvalNetConfig:
 
     n_images: int = 6000
     width: int = 16
-    features: int = 128
+    features: int = 64
     lr: float = 3e-3
     batch_size: int = 128
-    steps: int = 300
+    steps: int = 250
 
     def __post_init__(self):
         for key in ("n_images", "features", "batch_size", "steps"):
@@ -382,7 +382,7 @@ class AblationConfig:
     """The attention-mask ablation: one prior per schedule, same step budget and seed, evaluated alike."""
 
     schedules: tuple[str, ...] = ("paper", "full", "row", "column", "axial", "conv")
-    steps: int = 100
+    steps: int = 80
     n_captions: int = 128
 
     def __post_init__(self):
