@@ -81,6 +81,9 @@ def repo_copy(tmp_path_factory) -> Path:
         text_width=32, text_heads=2, image_channels=8, image_stages=2, batch_size=8, steps=4, val_images=4
     )
     raw["sample"].update(n_captions=2, candidates=2, batch_size=2)
+    raw["evalnet"].update(n_images=32, steps=2, batch_size=8)
+    raw["eval"].update(n_captions=4, rerank_n=[1, 2])
+    raw["ablation"].update(schedules=["paper", "row"], steps=2, n_captions=4)
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -100,6 +103,11 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
         "train_prior",
         "train_clip",
         "sample",
+        "train_evalnet",
+        "evaluate",
+        "ablate@paper",
+        "ablate@row",
+        "ablation_summary",
     }
     assert (repo_copy / "models/dvae/model.safetensors").is_file()
     assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
@@ -108,6 +116,8 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     assert json.loads((repo_copy / "reports/prior/metrics.json").read_text())["steps"] == 4
     assert (repo_copy / "reports/samples/manifest.csv").is_file()
     assert "seen_all_n2" in json.loads((repo_copy / "reports/sample/metrics.json").read_text())
+    assert "fid_evalnet" in json.loads((repo_copy / "reports/eval/metrics.json").read_text())
+    assert (repo_copy / "reports/ablation/summary.csv").read_text().count("\n") == 3  # header + 2 schedules
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 

@@ -16,7 +16,18 @@ from test_dvae_stages import stage_args, tiny_params
 
 from dalle import __main__ as cli
 from dalle.prior import load_prior
-from pipelines import encode, prepare, sample, train_clip, train_dvae, train_prior
+from pipelines import (
+    ablate,
+    ablation_summary,
+    encode,
+    evaluate,
+    prepare,
+    sample,
+    train_clip,
+    train_dvae,
+    train_evalnet,
+    train_prior,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PRIOR = dict(
@@ -154,25 +165,46 @@ def test_without_a_dvae_names_the_stage_to_run(tmp_path, upstream):
         train_prior.main(args)
 
 
-def test_train_clip_then_sample_and_generate(tmp_path, upstream, mlflow_store):
-    params = prior_params(tmp_path, "test-clip-sample")
+def late_params(tmp_path: Path, experiment: str) -> Path:
+    """Tiny params for the stages after train_prior."""
+    params = prior_params(tmp_path, experiment)
     raw = yaml.safe_load(params.read_text())
     raw["clip"].update(batch_size=8, steps=6, warmup_steps=2, val_images=8, log_every=2, val_every=3)
     raw["clip"].update(text_width=32, text_heads=2, image_channels=8, image_stages=2, checkpoint_every=2)
     raw["sample"].update(n_captions=4, candidates=3, top=2, batch_size=2)
+    raw["evalnet"].update(n_images=64, steps=4, batch_size=16)
+    raw["eval"].update(n_captions=4, rerank_n=[1, 2, 3], blur_radii=[0, 8, 16])
+    raw["ablation"].update(schedules=["paper", "row"], steps=3, n_captions=4)
     params.write_text(yaml.safe_dump(raw))
-    models = tmp_path / "models"
-    args = prior_args(tmp_path, params, upstream)
+    return params
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, upstream) -> tuple[Path, Path]:
+    """(params, models/) with a tiny prior, reranker and evaluation network beside the upstream dVAE."""
+    root = tmp_path_factory.mktemp("trained")
+    params = late_params(root, "test-late-stages")
+    models = root / "models"
+    args = prior_args(root, params, upstream)
     args[args.index("--models") + 1] = str(models / "prior")
     train_prior.main(args)
     train_clip.main(
         ["--params", str(params), "--prepared", str(upstream / "prepared"), "--tokens", str(upstream / "tokens")]
-        + ["--models", str(models / "clip"), "--reports", str(tmp_path / "clip"), "--checkpoint", str(tmp_path / "c")]
+        + ["--models", str(models / "clip"), "--reports", str(root / "clip"), "--checkpoint", str(root / "c")]
     )
-    assert {p.name for p in (models / "clip").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
-    clip_metrics = json.loads((tmp_path / "clip" / "metrics.json").read_text())
-    assert 0 <= clip_metrics["val_text_to_image_top1"] <= clip_metrics["val_text_to_image_top5"] <= 1
+    train_evalnet.main(
+        ["--params", str(params), "--prepared", str(upstream / "prepared")]
+        + ["--models", str(models / "evalnet"), "--reports", str(root / "evalnet")]
+    )
     (models / "dvae").symlink_to(upstream / "models")
+    return params, models
+
+
+def test_train_clip_then_sample_and_generate(tmp_path, upstream, trained, mlflow_store):
+    params, models = trained
+    assert {p.name for p in (models / "clip").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    clip_metrics = json.loads((models.parent / "clip" / "metrics.json").read_text())
+    assert 0 <= clip_metrics["val_text_to_image_top1"] <= clip_metrics["val_text_to_image_top5"] <= 1
 
     sample.main(
         ["--params", str(params), "--prepared", str(upstream / "prepared"), "--models", str(models)]
@@ -186,7 +218,7 @@ def test_train_clip_then_sample_and_generate(tmp_path, upstream, mlflow_store):
     for key in ("seen_all_n1", "seen_all_n3", "held_out_all_n1", "held_out_all_n3", "images_per_s", "cache_speedup"):
         assert key in metrics, key
     client = MlflowClient(mlflow_store)
-    experiment = client.get_experiment_by_name("test-clip-sample").experiment_id
+    experiment = client.get_experiment_by_name("test-late-stages").experiment_id
     (run,) = client.search_runs([experiment], "tags.stage = 'sample'")
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"sheet.png", "manifest.csv"}
     (clip_run,) = client.search_runs([experiment], "tags.stage = 'train_clip'")
@@ -195,3 +227,57 @@ def test_train_clip_then_sample_and_generate(tmp_path, upstream, mlflow_store):
     out = tmp_path / "cli"
     assert cli.main(["generate", "--caption", "a small red circle", "--out", str(out), "--models", str(models)]) == 0
     assert (out / "0_0.png").is_file() and (out / "sheet.png").is_file()
+
+
+def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlflow_store):
+    params, models = trained
+    evalnet_metrics = json.loads((models.parent / "evalnet" / "metrics.json").read_text())
+    assert {"test_all_seen", "test_all_held_out"} <= set(evalnet_metrics)
+    evaluate.main(
+        ["--params", str(params), "--prepared", str(upstream / "prepared"), "--tokens", str(upstream / "tokens")]
+        + ["--models", str(models), "--reports", str(tmp_path / "eval")]
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    expected = {"fid_evalnet", "fid_evalnet_reconstruction", "headline_n", "reranker_score", "captions"}
+    expected |= {"test_text_nll", "test_image_nll", "test_image_bits", "real_accuracy_all_seen"}
+    attributes = ("colour", "shape", "size", "position", "all")
+    expected |= {f"accuracy_{a}_{g}" for a in attributes for g in ("seen", "held_out")}
+    assert expected <= set(metrics), expected - set(metrics)
+    assert metrics["headline_n"] == 3 and metrics["fid_evalnet_reconstruction"] >= 0
+    with (tmp_path / "eval" / "fid_vs_n.csv").open() as handle:
+        assert [int(row["n"]) for row in csv.DictReader(handle)] == [1, 2, 3]
+    with (tmp_path / "eval" / "fid_vs_blur.csv").open() as handle:
+        blur_rows = list(csv.DictReader(handle))
+    assert [float(r["sigma_px"]) for r in blur_rows] == [0.0, 0.5, 1.0]  # 16 px images: radii × 16/256
+    for name in ("fid_vs_blur.png", "fid_vs_n.png", "accuracy_by_attribute.png", "accuracy_by_attribute.csv"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test-late-stages").experiment_id
+    (run,) = client.search_runs([experiment], "tags.stage = 'evaluate'")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid_evalnet_vs_n")] == [1, 2, 3]
+
+
+def test_ablation_runs_are_children_of_one_parent(tmp_path, upstream, trained, mlflow_store):
+    params, models = trained
+    common = ["--params", str(params), "--prepared", str(upstream / "prepared"), "--tokens", str(upstream / "tokens")]
+    runs_dir = tmp_path / "ablation" / "runs"
+    for schedule in ("paper", "row"):
+        ablate.main(
+            [*common, "--schedule", schedule, "--models", str(models), "--reports", str(runs_dir)]
+            + ["--checkpoints", str(tmp_path / "ck")]
+        )
+    ablation_summary.main(["--params", str(params), "--runs", str(runs_dir), "--out", str(tmp_path / "ablation")])
+    with (tmp_path / "ablation" / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["schedule"] for r in rows] == ["paper", "row"]
+    assert {"fid_evalnet", "test_image_bits", "accuracy_all_held_out", "tokens_per_s", "peak_memory_mb"} <= set(rows[0])
+    assert (tmp_path / "ablation" / "summary.png").is_file()
+
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test-late-stages").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.stage = 'ablation'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["ablation_schedule"] for c in children) == ["paper", "row"]
+    assert parent.info.status == "FINISHED" and "paper.test_image_bits" in parent.data.metrics
+    with pytest.raises(ValueError, match="not in ablation.schedules"):
+        ablate.main([*common, "--schedule", "column", "--models", str(models), "--reports", str(runs_dir)])
