@@ -396,6 +396,73 @@ class AblationConfig:
         _check(self.n_captions >= 2, "n_captions", f"must be >= 2, got {self.n_captions}")
 
 
+SearchSpace = dict[str, tuple[str | int | float, ...]]
+
+
+def _default_dvae_space() -> SearchSpace:
+    return {"lr": ("float", 0.0005, 0.005, "log"), "kl_weight": ("float", 0.0, 0.2), "hidden": ("categorical", 16, 32)}
+
+
+def _default_prior_space() -> SearchSpace:
+    return {
+        "lr": ("float", 0.0003, 0.01, "log"),
+        "d_model": ("categorical", 64, 128, 192),
+        "n_layers": ("int", 2, 6),
+        "weight_decay": ("float", 0.0, 0.1),
+        "text_loss_weight": ("float", 0.05, 0.3),
+    }
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Optuna sweeps (``python -m pipelines.sweep``): search spaces over the ``dvae`` and ``prior`` sections.
+
+    A space maps a key of the target section to ``[float, low, high]`` or ``[float, low, high, log]``,
+    ``[int, low, high]`` (optionally ``log``) or ``[categorical, choice, ...]``.
+    """
+
+    storage: str | None = None
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_startup_trials: int = 5
+    dvae_steps: int = 300
+    prior_steps: int = 200
+    dvae: SearchSpace = field(default_factory=_default_dvae_space)
+    prior: SearchSpace = field(default_factory=_default_prior_space)
+
+    def __post_init__(self):
+        startup = self.pruner_startup_trials
+        _check(startup >= 0, "pruner_startup_trials", f"must be >= 0, got {startup}")
+        for key in ("dvae_steps", "prior_steps"):
+            _check(getattr(self, key) >= 4, key, f"must be >= 4 (four intermediate reports), got {getattr(self, key)}")
+        for target, section in (("dvae", DvaeConfig), ("prior", PriorConfig)):
+            names = [f.name for f in dataclasses.fields(section)]
+            for name, spec in getattr(self, target).items():
+                key = f"{target}.{name}"
+                known = ", ".join(names)
+                _check(name in names, key, f"unknown parameter of the {target} section; expected one of: {known}")
+                _check_spec(key, spec)
+
+
+def _check_spec(key: str, spec: tuple) -> None:
+    kind = spec[0] if spec else None
+    _check(kind in ("float", "int", "categorical"), key, f"must start with float, int or categorical, got {list(spec)}")
+    if kind == "categorical":
+        _check(len(spec) >= 2, key, "a categorical space needs at least one choice")
+        return
+    numbers = spec[1:3]
+    _check(
+        len(spec) in (3, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers),
+        key,
+        f"expected [{kind}, low, high] or [{kind}, low, high, log], got {list(spec)}",
+    )
+    _check(numbers[0] < numbers[1], key, f"empty range: low {numbers[0]} must be below high {numbers[1]}")
+    if len(spec) == 4:
+        _check(spec[3] == "log", key, f"the optional fourth item must be 'log', got {spec[3]!r}")
+        _check(numbers[0] > 0, key, f"a log range needs low > 0, got {numbers[0]}")
+    if kind == "int":
+        _check(all(isinstance(v, int) for v in numbers), key, f"int bounds must be integers, got {list(numbers)}")
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
@@ -409,6 +476,7 @@ class Params:
     evalnet: EvalNetConfig = field(default_factory=EvalNetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
@@ -492,6 +560,13 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
             except ParamsError:
                 continue
         fail(" or ".join(_describe(a) for a in inner))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            fail("a mapping")
+        for name in value:
+            if not isinstance(name, str):
+                raise ParamsError(f"{source}: {key}: keys must be strings, got {name!r}")
+        return {name: _coerce(item, args[1], source, f"{key}.{name}") for name, item in value.items()}
     if origin is Literal:
         if value not in args:
             fail("one of " + ", ".join(repr(a) for a in args))

@@ -137,6 +137,32 @@ def generate(
 
 
 @torch.no_grad()
+def draw_one_each(
+    models: Models,
+    captions: Sequence[str],
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """One image per caption, no reranking (the prior alone), sampled ``batch_size`` captions at a time →
+    uint8 (len(captions), S, S, 3)."""
+    device, grid = models.device, models.prior.geometry.grid
+    encoded = models.tokenizer.encode(list(captions), models.prior.geometry.text_len)
+    generator = torch.Generator(device).manual_seed(seed)
+    images = []
+    for start in range(0, len(captions), batch_size):
+        ids = torch.from_numpy(encoded.ids[start : start + batch_size].astype(np.int64)).to(device)
+        lengths = torch.from_numpy(encoded.lengths[start : start + batch_size].astype(np.int64)).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tokens = sample_image_tokens(models.prior, ids, lengths, temperature, top_k, top_p, generator=generator)
+            pixels = models.dvae.decode(tokens.view(len(ids), grid, grid)).float().clamp(0, 1)
+        images.append((pixels.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy())
+    return np.concatenate(images)
+
+
+@torch.no_grad()
 def prime_tokens_from_image(models: Models, image: np.ndarray, prime_rows: int) -> torch.Tensor:
     """The dVAE tokens of the top ``prime_rows`` rows of a uint8 (S, S, 3) image, as (1, prime_rows × grid)."""
     size, grid = models.dvae_image_size, models.prior.geometry.grid

@@ -24,7 +24,7 @@ from dalle.config import Params
 from dalle.data.store import load_split
 from dalle.data.tokens import load_tokens
 from dalle.fid import frechet_distance
-from dalle.generate import generate, load_models
+from dalle.generate import draw_one_each, load_models
 from dalle.masks import layer_kinds
 from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
 from dalle.training import default_device
@@ -124,14 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         prior_models = dataclasses.replace(models, prior=result.model)
         sampling = params.sample
         started_sampling = time.monotonic()
-        images = np.stack(
-            [
-                candidates.images[0]
-                for candidates in generate(
-                    prior_models, captions, 1, sampling.temperature, sampling.top_k, sampling.top_p, 1.0, params.seed
-                )
-            ]
-        )
+        filters = (sampling.temperature, sampling.top_k, sampling.top_p)
+        images = draw_one_each(prior_models, captions, *filters, params.seed, sampling.batch_size)
         sampling_seconds = time.monotonic() - started_sampling
         name, features = feature_space(params.eval.fid_features, params.eval.inception_weights, models, evalnet)
         real = np.asarray(load_split(args.prepared, "test").images)

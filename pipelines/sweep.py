@@ -1,0 +1,304 @@
+"""Optuna sweeps over the dVAE or the prior, each trial an MLflow child run of one parent run per study.
+
+    python -m pipelines.sweep --target prior --trials 20 [--timeout S] [--study NAME] [--storage URL] [--workers N]
+                              [--objectives loss,seconds]
+
+The search space is ``sweep.<target>`` in params.yaml; every trial starts from the current params and overrides
+only its sampled keys (``dataclasses.replace``), training for ``sweep.<target>_steps`` steps. The objective is the
+stage's validation loss (dVAE: bits/dim; prior: image bits/token), reported four times to the pruner
+(``sweep.pruner``). With ``--objectives loss,seconds`` the study is two-objective (a Pareto front, never pruned).
+Storage: ``sqlite:///<repo>/optuna.db`` by default, any RDB URL (PostgreSQL for many machines; heartbeats let a
+killed worker's trial be failed and retried), or a journal file (``*.log``). The same command on several
+machines with the same storage joins the same study. Writes ``sweeps/<study>/best_params.yaml`` in params.yaml
+form and prints the ``dvc exp run -S ...`` command that applies it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import optuna  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+from optuna.storages import RDBStorage, RetryFailedTrialCallback  # noqa: E402
+from optuna.storages.journal import JournalFileBackend, JournalStorage  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from dalle.config import Params  # noqa: E402
+from dalle.data.store import load_split  # noqa: E402
+from dalle.data.tokens import load_tokens  # noqa: E402
+from dalle.dvae import load_dvae  # noqa: E402
+from dalle.dvae_train import Callbacks as DvaeCallbacks  # noqa: E402
+from dalle.dvae_train import train_dvae  # noqa: E402
+from dalle.prior_train import Callbacks as PriorCallbacks  # noqa: E402
+from dalle.prior_train import geometry_of, train_prior  # noqa: E402
+from dalle.text import TextTokenizer  # noqa: E402
+from pipelines.params import load_params  # noqa: E402
+from pipelines.tracking import _experiment_id, check_reachable, repo_root, run_tags, tracking_uri  # noqa: E402
+from pipelines.train_dvae import MODEL_DIR as DVAE_DIR  # noqa: E402
+from pipelines.train_dvae import PREPARED  # noqa: E402
+from pipelines.train_prior import TOKENS  # noqa: E402
+
+OBJECTIVE = {"dvae": "val_bits_per_dim", "prior": "val_image_bits"}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start: bad space, storage or arguments."""
+
+
+def storage_for(url: str | None):
+    """The Optuna storage behind ``url`` (checked now: an unreachable database fails before any trial)."""
+    url = url or f"sqlite:///{repo_root() / 'optuna.db'}"
+    if url.endswith(".log"):
+        return JournalStorage(JournalFileBackend(url))
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=60,
+            grace_period=180,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+        )
+    except Exception as err:  # any failure to open it means no trial can run; name the storage
+        raise SweepError(f"Optuna storage {url} is unusable ({type(err).__name__}: {str(err)[:300]})") from None
+
+
+def suggest(trial: optuna.Trial, space: dict[str, tuple]) -> dict[str, object]:
+    values = {}
+    for name, spec in space.items():
+        kind, rest = spec[0], spec[1:]
+        if kind == "categorical":
+            values[name] = trial.suggest_categorical(name, list(rest))
+        elif kind == "int":
+            values[name] = trial.suggest_int(name, rest[0], rest[1], log=len(rest) == 3)
+        else:
+            values[name] = trial.suggest_float(name, rest[0], rest[1], log=len(rest) == 3)
+    return values
+
+
+def trial_config(params: Params, target: str, values: dict[str, object]):
+    """The target section with the trial's values and the sweep's step budget (validated like params.yaml)."""
+    base = getattr(params, target)
+    steps = getattr(params.sweep, f"{target}_steps")
+    cadence = {"steps": steps, "val_every": steps // 4, "log_every": min(base.log_every, steps), "resume": False}
+    cadence["checkpoint_every"] = steps
+    if target == "dvae":
+        cadence.update(image_every=steps, tau_steps=min(base.tau_steps, steps))
+        cadence.update(kl_warmup_steps=min(base.kl_warmup_steps, steps // 3))
+    else:
+        cadence.update(sample_every=steps)
+    cadence["warmup_steps"] = min(base.warmup_steps, steps // 4)
+    return dataclasses.replace(base, **{**cadence, **values})
+
+
+class Reporter(DvaeCallbacks, PriorCallbacks):
+    """Intermediate values → Optuna (and pruning) and the trial's MLflow run."""
+
+    def __init__(self, trial: optuna.Trial, key: str, prune: bool):
+        self.trial, self.key, self.prune = trial, key, prune
+
+    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+        if self.prune:
+            self.trial.report(metrics[self.key], step)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}: {self.key} {metrics[self.key]:.4f}")
+
+
+def objective(trial: optuna.Trial, args: argparse.Namespace, params: Params, parent: str, data: dict) -> object:
+    values = suggest(trial, getattr(params.sweep, args.target))
+    two_objectives = args.objectives == ["loss", "seconds"]
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    tags = {**run_tags(f"sweep_{args.target}"), "mlflow.parentRunId": parent, "optuna_trial": str(trial.number)}
+    with mlflow.start_run(experiment_id=data["experiment_id"], run_name=f"trial {trial.number}", tags=tags) as run:
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        mlflow.log_params({f"{args.target}.{k}": v for k, v in values.items()})
+        state = "FAILED"
+        try:
+            cfg = trial_config(params, args.target, values)
+            prune = not two_objectives and params.sweep.pruner != "none"
+            reporter = Reporter(trial, OBJECTIVE[args.target], prune=prune)
+            started = time.monotonic()
+            if args.target == "dvae":
+                result = train_dvae(cfg, params.seed, data["train"], data["val"], callbacks=reporter)
+            else:
+                result = train_prior(cfg, params.seed, data["geometry"], data["train"], data["val"], callbacks=reporter)
+            seconds = time.monotonic() - started
+            loss = result.final[OBJECTIVE[args.target]]
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite {OBJECTIVE[args.target]}: {loss}")
+            mlflow.log_metrics({"objective": loss, "seconds": seconds})
+            state = "COMPLETE"
+            return (loss, seconds) if two_objectives else loss
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except Exception as err:
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            raise
+        finally:
+            mlflow.set_tag("optuna_state", state)
+
+
+def load_data(params: Params, target: str, args: argparse.Namespace) -> dict:
+    if target == "dvae":
+        return {"train": load_split(args.prepared, "train").images, "val": load_split(args.prepared, "val").images}
+    if not (args.dvae / "config.json").is_file():
+        raise SweepError(f"{args.dvae}/config.json not found; run the train_dvae and encode stages first")
+    train = load_tokens(args.tokens, "train")
+    text_vocab = TextTokenizer.from_file(args.prepared / "tokenizer.json").vocab_size
+    geometry = geometry_of(train, text_vocab, load_dvae(args.dvae).cfg.codebook_size)
+    return {"train": train, "val": load_tokens(args.tokens, "val"), "geometry": geometry}
+
+
+def worker(args: argparse.Namespace, parent: str, threads: int, n_trials: int) -> None:
+    """One process running up to ``n_trials`` trials of the shared study, stopping early once the study holds
+    ``--trials`` finished ones (other machines may be adding to it) or when ``--timeout`` runs out."""
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    params = load_params(args.params)
+    study = optuna.load_study(study_name=args.study, storage=storage_for(args.storage))
+    data = load_data(params, args.target, args)
+    data["experiment_id"] = _experiment_id(params.mlflow.experiment, tracking_uri())
+    study.optimize(
+        lambda trial: objective(trial, args, params, parent, data),
+        n_trials=n_trials,
+        timeout=args.timeout,
+        callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)],
+        catch=(Exception,),  # a failed trial is recorded with its error; the sweep goes on
+    )
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    sweep = params.sweep
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=sweep.prior_steps)
+    return optuna.pruners.NopPruner()
+
+
+def best_params(study: optuna.Study, target: str) -> dict:
+    trial = study.best_trial if len(study.directions) == 1 else min(study.best_trials, key=lambda t: t.values[0])
+    return {target: dict(trial.params)}
+
+
+def log_figures(study: optuna.Study, client: MlflowClient, parent: str, out: Path) -> None:
+    import optuna.visualization.matplotlib as vis
+
+    plots = {"optimization_history": vis.plot_optimization_history, "parallel_coordinate": vis.plot_parallel_coordinate}
+    plots["param_importances"] = vis.plot_param_importances
+    for name, plot in plots.items():
+        try:
+            kwargs = {} if len(study.directions) == 1 else {"target": lambda t: t.values[0], "target_name": "loss"}
+            plot(study, **kwargs)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # too few completed trials for this figure
+            print(f"skipped {name}: {err}", file=sys.stderr)
+            plt.close("all")
+            continue
+        path = out / f"{name}.png"
+        plt.gcf().savefig(path, dpi=110, bbox_inches="tight")
+        plt.close("all")
+        client.log_artifact(parent, str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", choices=("dvae", "prior"), required=True)
+    parser.add_argument("--trials", type=int, default=20, help="finished trials the study should hold")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per worker")
+    parser.add_argument("--study", default=None, help="study name (default: <target>-sweep)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: sweep.storage, then sqlite)")
+    parser.add_argument("--workers", type=int, default=1, help="processes on this machine sharing the study")
+    parser.add_argument("--objectives", default="loss", help="loss, or loss,seconds for a Pareto front")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=PREPARED)
+    parser.add_argument("--tokens", type=Path, default=TOKENS)
+    parser.add_argument("--dvae", type=Path, default=DVAE_DIR)
+    parser.add_argument("--out", type=Path, default=Path("sweeps"))
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    args.objectives = [name.strip() for name in args.objectives.split(",")]
+    if args.objectives not in (["loss"], ["loss", "seconds"]):
+        parser.error(f"--objectives must be 'loss' or 'loss,seconds', got {','.join(args.objectives)}")
+    if args.trials < 1 or args.workers < 1:
+        parser.error("--trials and --workers must be >= 1")
+    if not getattr(params.sweep, args.target):
+        raise SweepError(f"{args.params}: sweep.{args.target} is empty; nothing to search")
+    args.study = args.study or f"{args.target}-sweep"
+    args.storage = args.storage or params.sweep.storage
+    storage = storage_for(args.storage)
+    load_data(params, args.target, args)  # fail on missing inputs before any trial
+    uri = tracking_uri()
+    check_reachable(uri)
+    directions = ["minimize"] * len(args.objectives)
+    study = optuna.create_study(
+        study_name=args.study,
+        storage=storage,
+        directions=directions,
+        pruner=make_pruner(params) if len(directions) == 1 else None,
+        sampler=optuna.samplers.TPESampler(seed=params.seed),
+        load_if_exists=True,
+    )
+    client = MlflowClient(uri)
+    experiment_id = _experiment_id(params.mlflow.experiment, uri)
+    tags = {**run_tags(f"sweep_{args.target}"), "optuna_study": args.study, "sweep_target": args.target}
+    tags["optuna_storage"] = str(args.storage or f"sqlite:///{repo_root() / 'optuna.db'}")
+    parent = client.create_run(experiment_id, run_name=f"sweep {args.study}", tags=tags).info.run_id
+    study.set_user_attr(f"mlflow_parent_run_id:{parent}", True)
+    started = time.monotonic()
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    shares = [args.trials // args.workers + (i < args.trials % args.workers) for i in range(args.workers)]
+    if args.workers == 1:
+        worker(args, parent, threads, args.trials)
+    else:
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=worker, args=(args, parent, threads, n)) for n in shares if n]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        failed = [p.exitcode for p in processes if p.exitcode]
+        if failed:
+            print(f"worker exit codes {failed}; their finished trials stay in the study", file=sys.stderr)
+    seconds = time.monotonic() - started
+
+    study = optuna.load_study(study_name=args.study, storage=storage)
+    counts = {state.name.lower(): sum(t.state == state for t in study.trials) for state in FINISHED}
+    client.log_metric(parent, "sweep_seconds", seconds)
+    for name, count in counts.items():
+        client.log_metric(parent, f"trials_{name}", count)
+    out = args.out / args.study
+    out.mkdir(parents=True, exist_ok=True)
+    if counts["complete"]:
+        best = best_params(study, args.target)
+        (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
+        client.log_artifact(parent, str(out / "best_params.yaml"))
+        flags = " ".join(f"-S {args.target}.{k}={v}" for k, v in best[args.target].items())
+        print(f"best {OBJECTIVE[args.target]}: {study.best_trials[0].values[0]:.4f}; apply with: dvc exp run {flags}")
+    log_figures(study, client, parent, out)
+    client.set_terminated(parent)
+    print(f"study {args.study}: {counts} in {seconds:.0f} s; MLflow parent run {parent}")
+
+
+if __name__ == "__main__":
+    main()
