@@ -101,6 +101,8 @@ def trial_config(params: Params, target: str, values: dict[str, object]):
     else:
         cadence.update(sample_every=steps)
     cadence["warmup_steps"] = min(base.warmup_steps, steps // 4)
+    if "lr" in values and "lr_min" not in values:  # the cosine floor keeps its ratio to the sampled peak
+        cadence["lr_min"] = base.lr_min * values["lr"] / base.lr
     return dataclasses.replace(base, **{**cadence, **values})
 
 
@@ -169,13 +171,21 @@ def load_data(params: Params, target: str, args: argparse.Namespace) -> dict:
     return {"train": train, "val": load_tokens(args.tokens, "val"), "geometry": geometry}
 
 
-def worker(args: argparse.Namespace, parent: str, threads: int, n_trials: int) -> None:
+def worker(args: argparse.Namespace, parent: str, threads: int, n_trials: int, index: int = 0) -> None:
     """One process running up to ``n_trials`` trials of the shared study, stopping early once the study holds
     ``--trials`` finished ones (other machines may be adding to it) or when ``--timeout`` runs out."""
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     params = load_params(args.params)
-    study = optuna.load_study(study_name=args.study, storage=storage_for(args.storage))
+    # Pruner and sampler are not stored with the study: each process brings its own (the sampler seeded per
+    # worker, so that workers do not propose the same points).
+    two_objectives = len(args.objectives) == 2
+    study = optuna.load_study(
+        study_name=args.study,
+        storage=storage_for(args.storage),
+        pruner=None if two_objectives else make_pruner(params, args.target),
+        sampler=optuna.samplers.TPESampler(seed=params.seed + index),
+    )
     data = load_data(params, args.target, args)
     data["experiment_id"] = _experiment_id(params.mlflow.experiment, tracking_uri())
     study.optimize(
@@ -187,7 +197,7 @@ def worker(args: argparse.Namespace, parent: str, threads: int, n_trials: int) -
     )
 
 
-def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+def make_pruner(params: Params, target: str) -> optuna.pruners.BasePruner:
     sweep = params.sweep
     if sweep.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
@@ -255,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         study_name=args.study,
         storage=storage,
         directions=directions,
-        pruner=make_pruner(params) if len(directions) == 1 else None,
+        pruner=make_pruner(params, args.target) if len(directions) == 1 else None,
         sampler=optuna.samplers.TPESampler(seed=params.seed),
         load_if_exists=True,
     )
@@ -272,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         worker(args, parent, threads, args.trials)
     else:
         context = multiprocessing.get_context("spawn")
-        processes = [context.Process(target=worker, args=(args, parent, threads, n)) for n in shares if n]
+        processes = [
+            context.Process(target=worker, args=(args, parent, threads, n, i)) for i, n in enumerate(shares) if n
+        ]
         for process in processes:
             process.start()
         for process in processes:

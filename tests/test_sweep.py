@@ -70,6 +70,7 @@ def test_a_bad_region_gets_pruned(tmp_path, upstream, mlflow_store):  # noqa: F8
     study = optuna.load_study(study_name="s2", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.PRUNED in states, [(t.params, t.state) for t in study.trials]
+    assert optuna.trial.TrialState.FAIL not in states, [t.user_attrs.get("error") for t in study.trials]
     assert study.best_trial.params["lr"] == 0.003
 
 
