@@ -25,8 +25,8 @@ repro: install
 	$(BIN)/dvc repro
 
 test: install
-	$(BIN)/ruff check dalle pipelines tests
-	$(BIN)/ruff format --check dalle pipelines tests
+	$(BIN)/ruff check dalle pipelines tests notebooks
+	$(BIN)/ruff format --check dalle pipelines tests notebooks
 	$(BIN)/python -m pytest -q
 
 # MLflow UI on the default store (loopback only); MLFLOW_TRACKING_URI users open their server instead.

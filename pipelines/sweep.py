@@ -274,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     tags = {**run_tags(f"sweep_{args.target}"), "optuna_study": args.study, "sweep_target": args.target}
     tags["optuna_storage"] = str(args.storage or f"sqlite:///{repo_root() / 'optuna.db'}")
     parent = client.create_run(experiment_id, run_name=f"sweep {args.study}", tags=tags).info.run_id
+    study.set_user_attr("target", args.target)
     study.set_user_attr(f"mlflow_parent_run_id:{parent}", True)
     started = time.monotonic()
     threads = max(1, (os.cpu_count() or 1) // args.workers)

@@ -135,3 +135,59 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     )
     assert [r.data.params["data.n_train"] for r in runs] == ["32", "20"]
     assert runs[1].data.tags.get("dvc_exp_name") == "small-train"
+
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def test_notebooks_are_paired_and_stripped():
+    import jupytext
+
+    assert [n.stem for n in NOTEBOOKS] == [
+        "01_data_and_dvae",
+        "02_prior_and_samples",
+        "03_evaluation_and_ablation",
+        "04_sweeps",
+    ]
+    for source in NOTEBOOKS:
+        paired = jupytext.read(source.with_suffix(".ipynb"))
+        assert all(not cell.get("outputs") for cell in paired.cells), f"{source.name}: outputs not stripped"
+        code = [c.source for c in jupytext.read(source).cells if c.cell_type == "code"]
+        assert code == [c.source for c in paired.cells if c.cell_type == "code"], f"{source.name}: .ipynb out of sync"
+
+
+def test_notebooks_execute_on_the_pipeline_outputs(repo_copy, mlflow_store, tmp_path):
+    run([sys.executable, "-m", "dvc", "repro"], repo_copy)  # a no-op when the test above already ran it
+    run(
+        [sys.executable, "-m", "pipelines.sweep", "--target", "prior", "--trials", "2", "--study", "prior-nb"]
+        + ["--storage", f"sqlite:///{repo_copy / 'optuna.db'}"],
+        repo_copy,
+    )
+    for source in NOTEBOOKS:
+        notebook = repo_copy / "notebooks" / source.with_suffix(".ipynb").name
+        run(
+            [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", str(notebook)]
+            + ["--ExecutePreprocessor.timeout=600", "--output-dir", str(tmp_path)],
+            repo_copy / "notebooks",
+        )
+        assert (tmp_path / notebook.name).is_file()
+
+
+def test_a_notebook_without_its_inputs_stops_with_one_line(tmp_path):
+    import jupytext
+
+    root = tmp_path / "bare"
+    (root / "notebooks").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy2(REPO / name, root / name)
+    shutil.copy2(REPO / "notebooks" / "workbench.py", root / "notebooks")
+    shutil.copytree(REPO / "pipelines", root / "pipelines")
+    jupytext.write(jupytext.read(NOTEBOOKS[0]), root / "notebooks" / "01.ipynb")
+    result = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "01.ipynb"],
+        cwd=root / "notebooks",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "Run `make repro` first: data/prepared/contact_sheet.png" in result.stderr

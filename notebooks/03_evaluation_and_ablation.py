@@ -1,0 +1,44 @@
+# %% [markdown]
+# # 03 — Evaluation and the attention-mask ablation
+# How does FID move with blur (paper Fig. 9) and with the number of reranked candidates, which attributes do the
+# samples get right for seen and held-out colour-shape pairs, and how do the attention schedules compare?
+#
+# Needs `make repro` (the `evaluate`, `ablate@*` and `ablation_summary` stages).
+
+# %%
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import display
+from workbench import ROOT, require
+
+require("reports/eval/metrics.json", "reports/ablation/summary.csv")
+metrics = json.loads((ROOT / "reports/eval/metrics.json").read_text())
+display(pd.Series(metrics).to_frame("value"))
+
+# %%
+fid_key = next(k for k in metrics if k.startswith("fid_") and not k.endswith("reconstruction"))
+blur = pd.read_csv(ROOT / "reports/eval/fid_vs_blur.csv")
+by_n = pd.read_csv(ROOT / "reports/eval/fid_vs_n.csv")
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+blur.plot(x="radius_256px", y=["fid_generated", "fid_reconstruction"], marker="o", ax=axes[0], title="FID vs blur")
+by_n.plot(x="n", y=fid_key, marker="o", logx=True, ax=axes[1], title="FID vs reranked N")
+by_n.plot(x="n", y=["accuracy_seen", "accuracy_held_out"], marker="o", logx=True, ax=axes[2], title="accuracy vs N")
+plt.tight_layout()
+plt.show()
+
+# %%
+accuracy = pd.read_csv(ROOT / "reports/eval/accuracy_by_attribute.csv")
+accuracy.pivot(index="attribute", columns="group", values="accuracy").plot.bar(ylim=(0, 1.05), rot=0)
+plt.ylabel("caption accuracy")
+plt.show()
+
+# %%
+summary = pd.read_csv(ROOT / "reports/ablation/summary.csv").set_index("schedule")
+display(summary)
+
+# %%
+summary.plot.bar(subplots=True, layout=(2, 4), figsize=(14, 6), legend=False, rot=45)
+plt.tight_layout()
+plt.show()

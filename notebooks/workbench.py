@@ -1,0 +1,52 @@
+"""Shared by the notebooks: the repository root, a one-line stop when a pipeline output is missing, and MLflow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = next(p for p in (Path.cwd(), *Path.cwd().parents) if (p / "dvc.yaml").is_file())
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from pipelines.params import load_params  # noqa: E402
+from pipelines.tracking import tracking_uri  # noqa: E402
+
+PARAMS = load_params(ROOT / "params.yaml")
+
+
+class Missing(Exception):
+    """Shown by IPython as its message alone: what to run first, not a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
+def require(*paths: str, run: str = "make repro") -> None:
+    absent = [p for p in paths if not (ROOT / p).exists()]
+    if absent:
+        raise Missing(f"Run `{run}` first: {', '.join(absent)} not found under {ROOT}.")
+
+
+def latest_run(stage: str) -> pd.Series:
+    """The newest MLflow run of a stage in the params' experiment."""
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = mlflow.search_runs(
+        experiment_names=[PARAMS.mlflow.experiment],
+        filter_string=f"tags.stage = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if runs.empty:
+        raise Missing(f"Run `make repro` first: no MLflow run of stage {stage} in {tracking_uri()}.")
+    return runs.iloc[0]
+
+
+def history(run_id: str, *keys: str) -> pd.DataFrame:
+    """Step-indexed metric histories of one run, a column per key."""
+    client = mlflow.MlflowClient(tracking_uri())
+    columns = {key: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, key)}) for key in keys}
+    return pd.DataFrame(columns).sort_index()
