@@ -75,3 +75,10 @@ def test_evalnet_reads_real_images_attributes_including_held_out_pairs(shapes):
         rows = np.flatnonzero(held_out == flag)
         accuracy = caption_accuracy(net, test_images[rows], [test_records[i] for i in rows])
         assert accuracy["all"] >= 0.99, (flag, accuracy)
+
+
+def test_inception_features_need_the_weights_file(tmp_path):
+    from dalle.fid import InceptionFeatures
+
+    with pytest.raises(FileNotFoundError, match=r"eval.inception_weights: .*pt_inception.pth not found"):
+        InceptionFeatures(tmp_path / "pt_inception.pth")
