@@ -125,7 +125,7 @@ class DvaeConfig:
     recon_loss: Literal["logit_laplace", "mse", "smooth_l1"] = "mse"
     tau_start: float = 1.0
     tau_end: float = 0.0625
-    tau_steps: int = 800
+    tau_steps: int = 1000
     hard: bool = False
     kl_weight: float = 0.05
     kl_warmup_steps: int = 300
@@ -135,7 +135,7 @@ class DvaeConfig:
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
     batch_size: int = 64
-    steps: int = 800
+    steps: int = 1000
     val_images: int = 500
     log_every: int = 50
     val_every: int = 250

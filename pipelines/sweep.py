@@ -33,7 +33,7 @@ import optuna  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna.storages import RDBStorage, RetryFailedTrialCallback  # noqa: E402
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback  # noqa: E402
 from optuna.storages.journal import JournalFileBackend, JournalStorage  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
@@ -70,7 +70,7 @@ def storage_for(url: str | None):
             url,
             heartbeat_interval=60,
             grace_period=180,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except Exception as err:  # any failure to open it means no trial can run; name the storage
         raise SweepError(f"Optuna storage {url} is unusable ({type(err).__name__}: {str(err)[:300]})") from None
