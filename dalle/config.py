@@ -272,7 +272,7 @@ class ClipConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     batch_size: int = 128
-    steps: int = 300
+    steps: int = 400
     val_images: int = 500
     log_every: int = 25
     val_every: int = 200
@@ -382,7 +382,7 @@ class AblationConfig:
     """The attention-mask ablation: one prior per schedule, same step budget and seed, evaluated alike."""
 
     schedules: tuple[str, ...] = ("paper", "full", "row", "column", "axial", "conv")
-    steps: int = 80
+    steps: int = 60
     n_captions: int = 128
 
     def __post_init__(self):
