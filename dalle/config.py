@@ -396,6 +396,59 @@ class AblationConfig:
         _check(self.n_captions >= 2, "n_captions", f"must be >= 2, got {self.n_captions}")
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """The benchmark stage (``python -m pipelines.benchmark``): what a step costs at the params' model sizes."""
+
+    warmup: int = 2
+    repeats: int = 5
+    gemm_size: int = 2048
+    batch_size: int = 64
+    big_grid: int = 32
+    big_batch_size: int = 4
+    schedules: tuple[str, ...] = ("full", "paper")
+    attn_impls: tuple[str, ...] = ("dense", "flex")
+    attention_image_tokens: tuple[int, ...] = (256, 1024, 4096)
+    attention_text_len: int = 64
+    sample_batch_size: int = 16
+    guidance_scale: float = 3.0
+    uncached_positions: int = 8
+    dvae_batch_size: int = 64
+
+    def __post_init__(self):
+        from dalle.masks import SCHEDULES
+
+        _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+        for key in (
+            "repeats",
+            "gemm_size",
+            "batch_size",
+            "big_grid",
+            "big_batch_size",
+            "attention_text_len",
+            "sample_batch_size",
+            "dvae_batch_size",
+        ):
+            _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(bool(self.schedules), "schedules", "must list at least one schedule")
+        for name in self.schedules:
+            _check(name in SCHEDULES, "schedules", f"unknown schedule {name!r}; expected names from {SCHEDULES}")
+        _check(bool(self.attn_impls), "attn_impls", "must list dense, flex or both")
+        for impl in self.attn_impls:
+            _check(impl in ("dense", "flex"), "attn_impls", f"unknown attention implementation {impl!r}")
+        _check(bool(self.attention_image_tokens), "attention_image_tokens", "must list at least one size")
+        for tokens in self.attention_image_tokens:
+            side = int(round(tokens**0.5))
+            _check(
+                tokens >= 1 and side * side == tokens,
+                "attention_image_tokens",
+                f"{tokens} is not a square grid of image tokens (e.g. 256, 1024, 4096)",
+            )
+        _check(self.guidance_scale != 1, "guidance_scale", "must differ from 1 (1 is the unguided sampler)")
+        _check(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        _check(self.uncached_positions >= 2, "uncached_positions", f"must be >= 2, got {self.uncached_positions}")
+
+
 SearchSpace = dict[str, tuple[str | int | float, ...]]
 
 
@@ -477,6 +530,7 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

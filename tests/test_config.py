@@ -128,6 +128,12 @@ def _delete(path: str):
         (_set("sweep.prior", {"lr": ["categorical"]}), "sweep.prior.lr", "at least one choice"),
         (_set("sweep.prior", [1, 2]), "sweep.prior", "expected a mapping"),
         (_set("sweep.pruner", "asha"), "sweep.pruner", "one of 'median', 'hyperband', 'none'"),
+        (_set("bench.attention_image_tokens", [300]), "bench.attention_image_tokens", "300 is not a square grid"),
+        (_set("bench.attn_impls", ["sparse"]), "bench.attn_impls", "unknown attention implementation 'sparse'"),
+        (_set("bench.guidance_scale", 1.0), "bench.guidance_scale", "must differ from 1"),
+        (_set("bench.repeats", 0), "bench.repeats", ">= 1"),
+        (_set("bench.schedules", ["diagonal"]), "bench.schedules", "unknown schedule 'diagonal'"),
+        (_set("bench.uncached_positions", 1), "bench.uncached_positions", ">= 2"),
     ],
 )
 def test_bad_value_names_file_section_and_key(tmp_path, edit, key, words):

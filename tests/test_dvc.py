@@ -45,7 +45,10 @@ def repo_copy(tmp_path_factory) -> Path:
     ).stdout.split()
     root = tmp_path_factory.mktemp("repo")
     for name in listed:
-        if (REPO / name).is_file() and not name.startswith(("data/", "dvc.lock")):
+        # Locks and benchmark results belong to this machine's runs; the copy makes its own.
+        if (REPO / name).is_file() and not name.startswith(
+            ("data/", "dvc.lock", "reports/bench/", "pipelines/bench/dvc.lock")
+        ):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     params = root / "params.yaml"
@@ -84,6 +87,21 @@ def repo_copy(tmp_path_factory) -> Path:
     raw["evalnet"].update(n_images=32, steps=2, batch_size=8)
     raw["eval"].update(n_captions=4, rerank_n=[1, 2])
     raw["ablation"].update(schedules=["paper", "row"], steps=2, n_captions=4)
+    raw["bench"].update(
+        warmup=0,
+        repeats=1,
+        gemm_size=64,
+        batch_size=2,
+        big_grid=4,
+        big_batch_size=2,
+        schedules=["paper"],
+        attn_impls=["dense"],
+        attention_image_tokens=[16],
+        attention_text_len=8,
+        sample_batch_size=2,
+        uncached_positions=2,
+        dvae_batch_size=2,
+    )
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "add", "-A"], root)
@@ -118,6 +136,11 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     assert "seen_all_n2" in json.loads((repo_copy / "reports/sample/metrics.json").read_text())
     assert "fid_evalnet" in json.loads((repo_copy / "reports/eval/metrics.json").read_text())
     assert (repo_copy / "reports/ablation/summary.csv").read_text().count("\n") == 3  # header + 2 schedules
+    assert not (repo_copy / "reports/bench").exists()  # the benchmark is not part of the default repro
+    run([sys.executable, "-m", "dvc", "repro", "pipelines/bench/dvc.yaml"], repo_copy)
+    bench = json.loads((repo_copy / "reports/bench/results.json").read_text())
+    assert set(bench["prior_training"]) == {"grid4_paper_dense"}
+    assert "## Sampling" in (repo_copy / "reports/bench/results.md").read_text()
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 
