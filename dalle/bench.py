@@ -142,6 +142,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def fresh_compiles() -> None:
+    """Forget every compiled graph, so that a measurement never inherits the guards (or the exhausted recompile
+    budget, after which dynamo runs eager code) of the measurements before it."""
+    torch._dynamo.reset()
+
+
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -172,6 +178,7 @@ def prior_training_step(
     torch.manual_seed(0)
     prior = Prior(cfg, geometry).to(device).train()
     if cfg.attn_impl == "flex":
+        fresh_compiles()
         prior.use_compiled_flex()
     optimizer = adamw(prior, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     batch = random_stream(geometry, batch_size, device)
@@ -213,6 +220,7 @@ def attention_call(
         def attend() -> Tensor:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     elif impl == "flex":
+        fresh_compiles()
         blocks, flex = block_mask(kind, text_len, grid, kernel, device=device), compiled_flex_attention()
 
         def attend() -> Tensor:

@@ -73,10 +73,21 @@ class KVCache:
     length: int = 0
 
 
+# Compiled graphs of flex attention one process may hold: one per (mask kind, batch shape). Dynamo's default (8)
+# is below what a paper-schedule prior needs (3 kinds × training, validation and last-validation batches), and
+# past it dynamo silently runs the unfused eager kernel, ~5× slower (measured by the benchmark stage).
+FLEX_RECOMPILE_LIMIT = 64
+
+
 @cache
 def compiled_flex_attention():
     """``flex_attention`` compiled once per process. ``dynamic=False``: dynamic shapes fail to build on CPU for
-    the sparse masks (see ``dalle.masks.block_mask``). Opt in with ``Prior.use_compiled_flex()``."""
+    the sparse masks (see ``dalle.masks.block_mask``), so each new shape compiles anew; the recompile limit is
+    raised to ``FLEX_RECOMPILE_LIMIT`` for that. Opt in with ``Prior.use_compiled_flex()``."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the second is the older name (torch < 2.7)
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), FLEX_RECOMPILE_LIMIT))
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -51,11 +51,7 @@ def peer_ratios(results: dict, row: dict) -> dict[str, float]:
 
 def _table(header: list[str], rows: list[list]) -> str:
     def cell(value) -> str:
-        if value is None:
-            return "–"
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
-        return str(value)
+        return "–" if value is None else _number(value) if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -132,7 +128,7 @@ def markdown(results: dict) -> str:
                     row.get("tokens_per_s"),
                     row["model_flops_per_s"] / 1e12 if "model_flops_per_s" in row else None,
                     f"{row['mfu']:.1%}" if "mfu" in row else None,
-                    _spread(row) if "median_s" in row else row.get("error"),
+                    _spread(row) if "median_s" in row else "not measurable (below)",
                     row.get("peak_memory_mb"),
                 ]
                 for row in results.get("prior_training", {}).values()
@@ -227,17 +223,16 @@ def markdown(results: dict) -> str:
                 ],
             ),
         ]
-    errors = sorted(
-        {
-            v
-            for section in ("prior_training", "attention")
-            for row in results.get(section, {}).values()
-            for k, v in row.items()
-            if k.endswith("error")
-        }
-    )
+    errors: dict[str, list[str]] = {}  # reason → the measurements it stopped
+    for section in ("prior_training", "attention"):
+        for name, row in results.get(section, {}).items():
+            for key, reason in row.items():
+                if key.endswith("error"):
+                    what = name if key == "error" else f"{name} {key.removesuffix('_error')}"
+                    errors.setdefault(reason, []).append(f"{section} {what}")
     if errors:
-        out += ["", "## Not measurable here", *[f"- {error}" for error in errors]]
+        out += ["", "## Not measurable here"]
+        out += [f"- {', '.join(where)}: {reason}" for reason, where in errors.items()]
     peers = list(results.get("peer", {}).values())
     measured = [row for row in peers if "tokens_per_s" in row]
     if peers:
@@ -270,5 +265,13 @@ def markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _number(value: float) -> str:
+    """Three significant digits, without exponents for the magnitudes a benchmark shows."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.2e}"
+
+
 def _spread(row: dict) -> str:
-    return f"{row['median_s'] * 1e3:.3g} ({row['min_s'] * 1e3:.3g}–{row['max_s'] * 1e3:.3g})"
+    ms = [_number(row[key] * 1e3) for key in ("median_s", "min_s", "max_s")]
+    return f"{ms[0]} ({ms[1]}–{ms[2]})"

@@ -6,9 +6,10 @@ Measures (each the median of ``bench.repeats`` runs after ``bench.warmup``, with
 dense GEMM peak (fp32; bf16 too on CUDA), prior training tokens/s and model FLOP utilisation at the data's grid
 and at ``bench.big_grid`` for each schedule and attention kernel, one attention layer per mask kind (dense-masked
 vs flex, forward and forward+backward), sampling images/s with the key/value cache, without it and with
-guidance, and the dVAE's encode / decode / training step. Writes ``reports/bench/results.json`` and
-``results.md`` and logs both to MLflow with the machine description. A killed run resumes: finished
-measurements are kept in ``partial.json`` and reused when the settings and the machine are the same.
+guidance, and the dVAE's encode / decode / training step. Writes ``reports/bench/results.json`` (everything),
+``metrics.json`` (the headline ratios) and ``results.md``, and logs them to MLflow with the machine description.
+A killed run resumes: finished measurements are kept in ``partial.json`` and reused when the settings and the
+machine are the same.
 
 Not part of the default ``dvc repro`` (it would break the pipeline's time budget): run it with
 ``dvc repro pipelines/bench/dvc.yaml``.
@@ -51,7 +52,6 @@ from pipelines.reports import write_json
 from pipelines.tracking import flat_metrics, stage_run
 
 REPORT_DIR = Path("reports/bench")
-SECTIONS = ("peak", "prior_training", "attention", "sampling", "dvae", "peer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("benchmark", params, tags=tags):
         results = run_benchmark(params, device, args.out / "partial.json", args.peer)
         write_json(args.out / "results.json", results)
+        write_json(args.out / "metrics.json", results["headline"])  # the ratios, for `dvc metrics show`
         (args.out / "results.md").write_text(markdown(results))
         (args.out / "partial.json").unlink(missing_ok=True)
         mlflow.log_metrics(flat_metrics({k: v for k, v in results.items() if k not in ("machine", "settings")}))

@@ -167,6 +167,7 @@ def test_benchmark_writes_every_measurement(tiny_run):
     assert {"encode_images_per_s", "decode_images_per_s", "train_images_per_s"} <= set(results["dvae"]["default"])
     assert results["headline"]["cache_speedup_grid8"] == sampled["cache_speedup"]
     assert results["headline"]["mfu_grid8_paper_dense"] == dense["mfu"]
+    assert json.loads((tiny_run / "out/metrics.json").read_text()) == results["headline"]
     assert not (tiny_run / "out/partial.json").exists()
     for grid in (4, 8):  # the peer is optional: measured where installed, else one line saying so
         peer = results["peer"][f"grid{grid}"]
@@ -230,3 +231,12 @@ def test_peer_measured_at_our_sizes_when_installed():
     geometry = PriorGeometry(text_vocab=300, text_len=8, image_vocab=16, grid=4)
     row = peer_measurements("dalle-pytorch", cfg, geometry, 4, 2, CPU, warmup=1, repeats=1)
     assert row["tokens_per_s"] > 0 and row["cached_images_per_s"] > 0 and row["train_batch_size"] == 4
+
+
+def test_compiled_flex_may_hold_a_graph_per_mask_and_batch_shape():
+    """A paper-schedule prior compiles flex for 3 kinds × training and validation batch shapes: more than
+    dynamo's default 8 graphs, past which it would silently run the slow eager kernel."""
+    from dalle.prior import FLEX_RECOMPILE_LIMIT, compiled_flex_attention
+
+    compiled_flex_attention()
+    assert torch._dynamo.config.recompile_limit >= FLEX_RECOMPILE_LIMIT >= 3 * 3
