@@ -386,12 +386,7 @@ class AblationConfig:
     n_captions: int = 128
 
     def __post_init__(self):
-        from dalle.masks import SCHEDULES
-
-        _check(bool(self.schedules), "schedules", "must list at least one schedule")
-        for name in self.schedules:
-            _check(name in SCHEDULES, "schedules", f"unknown schedule {name!r}; expected names from {SCHEDULES}")
-        _check(len(set(self.schedules)) == len(self.schedules), "schedules", "lists a schedule twice")
+        _check_schedules(self.schedules)
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(self.n_captions >= 2, "n_captions", f"must be >= 2, got {self.n_captions}")
 
@@ -416,8 +411,6 @@ class BenchConfig:
     dvae_batch_size: int = 64
 
     def __post_init__(self):
-        from dalle.masks import SCHEDULES
-
         _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
         for key in (
             "repeats",
@@ -430,9 +423,7 @@ class BenchConfig:
             "dvae_batch_size",
         ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-        _check(bool(self.schedules), "schedules", "must list at least one schedule")
-        for name in self.schedules:
-            _check(name in SCHEDULES, "schedules", f"unknown schedule {name!r}; expected names from {SCHEDULES}")
+        _check_schedules(self.schedules)
         _check(bool(self.attn_impls), "attn_impls", "must list dense, flex or both")
         for impl in self.attn_impls:
             _check(impl in ("dense", "flex"), "attn_impls", f"unknown attention implementation {impl!r}")
@@ -447,6 +438,16 @@ class BenchConfig:
         _check(self.guidance_scale != 1, "guidance_scale", "must differ from 1 (1 is the unguided sampler)")
         _check(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
         _check(self.uncached_positions >= 2, "uncached_positions", f"must be >= 2, got {self.uncached_positions}")
+
+
+def _check_schedules(schedules: tuple[str, ...]) -> None:
+    """Key ``schedules``: a non-empty list of named attention schedules, each once."""
+    from dalle.masks import SCHEDULES  # imports torch; only needed here
+
+    _check(bool(schedules), "schedules", "must list at least one schedule")
+    for name in schedules:
+        _check(name in SCHEDULES, "schedules", f"unknown schedule {name!r}; expected names from {SCHEDULES}")
+    _check(len(set(schedules)) == len(schedules), "schedules", "lists a schedule twice")
 
 
 SearchSpace = dict[str, tuple[str | int | float, ...]]
