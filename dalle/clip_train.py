@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from dalle.checkpoint import save_checkpoint
 from dalle.clip import Clip
 from dalle.config import ClipConfig
 from dalle.data.tokens import TokenSplit, caption_rows
@@ -24,9 +23,8 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
-    restore_rng,
-    resumable_state,
-    rng_state,
+    restore_training_state,
+    save_training_state,
     set_lr,
 )
 
@@ -105,27 +103,14 @@ def train_clip(
     config = resume_config(cfg, seed, data_fingerprint)
     step, history, val_history = 0, [], []
     window = {"loss": 0.0, "accuracy": 0.0, "n": 0}
-    state = resumable_state(checkpoint_path, config, "clip") if cfg.resume else None
+    stateful = {"model": model, "optimizer": optimizer}
+    state = restore_training_state(checkpoint_path, config, "clip", stateful, device) if cfg.resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         step, history, val_history, window = state["step"], state["history"], state["val_history"], state["window"]
-        restore_rng(state, device)
 
     def checkpoint() -> None:
-        if checkpoint_path is None:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-            "val_history": val_history,
-            "config": config,
-            "window": window,
-            **rng_state(device),
-        }
-        save_checkpoint(checkpoint_path, state)
+        progress = {"step": step, "history": history, "val_history": val_history, "window": window}
+        save_training_state(checkpoint_path, config, stateful, device, **progress)
 
     progress = tqdm(total=cfg.steps, initial=step, desc="train_clip", unit="step")
     model.train()

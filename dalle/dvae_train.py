@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalle.checkpoint import save_checkpoint
 from dalle.config import DvaeConfig
 from dalle.dvae import DiscreteVAE
 from dalle.ema import Ema
@@ -23,9 +22,8 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
-    restore_rng,
-    resumable_state,
-    rng_state,
+    restore_training_state,
+    save_training_state,
     set_lr,
 )
 
@@ -77,32 +75,15 @@ def train_dvae(
     step, history, val_history = 0, [], []
     usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)  # codes seen this log window
     window = dict.fromkeys(WINDOW_KEYS, 0.0)  # sums of loss parts this log window
-    state = resumable_state(checkpoint_path, config, "dvae") if cfg.resume else None
+    stateful = {"model": model, "ema": ema.model, "optimizer": optimizer}
+    state = restore_training_state(checkpoint_path, config, "dvae", stateful, device) if cfg.resume else None
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, val_history = state["step"], state["history"], state["val_history"]
+        step, history, val_history, window = state["step"], state["history"], state["val_history"], state["window"]
         usage.copy_(state["usage"])
-        window = state["window"]
-        restore_rng(state, device)
 
     def checkpoint() -> None:
-        if checkpoint_path is None:
-            return
-        state = {
-            "model": model.state_dict(),
-            "ema": ema.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-            "val_history": val_history,
-            "config": config,
-            "usage": usage,
-            "window": window,
-            **rng_state(device),
-        }
-        save_checkpoint(checkpoint_path, state)
+        progress = {"step": step, "history": history, "val_history": val_history, "window": window, "usage": usage}
+        save_training_state(checkpoint_path, config, stateful, device, **progress)
 
     progress = tqdm(total=cfg.steps, initial=step, desc="train_dvae", unit="step")
     model.train()

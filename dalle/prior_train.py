@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dalle.checkpoint import save_checkpoint
 from dalle.config import PriorConfig
 from dalle.data.tokens import TokenSplit, caption_rows
 from dalle.prior import Prior, PriorGeometry, PriorLosses, text_targets
@@ -32,9 +31,8 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
-    restore_rng,
-    resumable_state,
-    rng_state,
+    restore_training_state,
+    save_training_state,
     set_lr,
 )
 
@@ -191,31 +189,19 @@ def train_prior(
     config = resume_config(cfg, seed, geometry, data_fingerprint)
     step, history, val_history = 0, [], []
     window = dict.fromkeys(WINDOW_KEYS, 0.0)
-    state = resumable_state(checkpoint_path, config, "prior") if cfg.resume else None
+    stateful = {"model": prior, "optimizer": optimizer}
+    state = restore_training_state(checkpoint_path, config, "prior", stateful, device) if cfg.resume else None
     if state is not None:
-        prior.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         step, history, val_history, window = state["step"], state["history"], state["val_history"], state["window"]
-        restore_rng(state, device)
     # Without torch.distributed the model is used as is; DDP broadcasts rank 0's weights at construction.
     model = prior
     if size > 1:
         model = DistributedDataParallel(prior, device_ids=[device] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
-        if checkpoint_path is None or rank != 0:
-            return
-        state = {
-            "model": prior.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "history": history,
-            "val_history": val_history,
-            "config": config,
-            "window": window,
-            **rng_state(device),
-        }
-        save_checkpoint(checkpoint_path, state)
+        if rank == 0:
+            progress = {"step": step, "history": history, "val_history": val_history, "window": window}
+            save_training_state(checkpoint_path, config, stateful, device, **progress)
 
     def sample() -> None:
         if rank != 0 or sample_text is None:

@@ -1,6 +1,6 @@
-"""Plumbing shared by the training loops (dVAE, prior): device choice, batches that are a pure function of the
-step (so a resumed run sees exactly the batches an uninterrupted one would), AdamW parameter groups, RNG state,
-and resuming from a checkpoint only when it was made with the same weight-shaping config.
+"""Plumbing shared by the training loops (dVAE, prior, reranker): device choice, batches that are a pure function
+of the step (so a resumed run sees exactly the batches an uninterrupted one would), AdamW parameter groups, RNG
+state, and checkpoints that save and restore a run, resumed only when made with the same weight-shaping config.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint
+from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint, save_checkpoint
 
 
 def default_device() -> torch.device:
@@ -69,4 +69,33 @@ def resumable_state(checkpoint_path: Path | None, config: dict[str, Any], sectio
             f"checkpoint {checkpoint_path} was made with a different config: {'; '.join(diff)}. "
             f"Restore those values, or set {section}.resume: false to start fresh."
         )
+    return state
+
+
+def save_training_state(
+    checkpoint_path: Path | None,
+    config: dict[str, Any],
+    parts: dict[str, Any],
+    device: torch.device,
+    **progress: Any,
+) -> None:
+    """Write one checkpoint: the state dict of each of ``parts`` (model, optimizer, EMA copy, ...) under its name,
+    the ``config`` it must be resumed with, the loop's ``progress`` (step, histories, log window, ...) and the RNG."""
+    if checkpoint_path is None:
+        return
+    state = {name: part.state_dict() for name, part in parts.items()}
+    save_checkpoint(checkpoint_path, {**state, "config": config, **progress, **rng_state(device)})
+
+
+def restore_training_state(
+    checkpoint_path: Path | None, config: dict[str, Any], section: str, parts: dict[str, Any], device: torch.device
+) -> dict[str, Any] | None:
+    """Load ``parts`` and the RNG from the checkpoint at ``checkpoint_path``, if there is one made with ``config``;
+    returns the checkpoint for the loop's own progress values, or None to start fresh."""
+    state = resumable_state(checkpoint_path, config, section)
+    if state is None:
+        return None
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    restore_rng(state, device)
     return state
