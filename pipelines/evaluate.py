@@ -164,29 +164,35 @@ def main(argv: list[str] | None = None) -> None:
         )
         real = np.asarray(test.images)
         real_features = features(real)
-        by_n, chosen_at = [], {}
+        by_n, chosen_at = [], {}  # chosen_at[n]: (images, their features)
         for n in cfg.rerank_n:
             picks = [best_of_first(result, n) for result in results]
             images = np.stack([image for image, _ in picks])
-            chosen_at[n] = images
-            row = {"n": n, fid_key: frechet_distance(real_features, features(images))}
+            chosen_at[n] = images, features(images)
+            row = {"n": n, fid_key: frechet_distance(real_features, chosen_at[n][1])}
             row["reranker_score"] = float(np.mean([score for _, score in picks]))
             for group, accuracy in accuracy_by_group(evalnet, images, records).items():
                 row[f"accuracy_{group}"] = accuracy["all"]
             by_n.append(row)
 
-        generated = chosen_at[headline]
+        generated, generated_features = chosen_at[headline]
         recon = reconstruct(models.dvae, real, device)
+        recon_features = features(recon)
+
+        def blurred(images: np.ndarray, unblurred: np.ndarray, sigma: float) -> np.ndarray:
+            """Features of the blurred images; at sigma 0 those already computed."""
+            return unblurred if sigma == 0 else features(blur(images, sigma))
+
         by_blur = []
         for radius in cfg.blur_radii:
             sigma = radius * params.data.image_size / 256  # the paper's radii are pixels of 256 px images
-            blurred_real = features(blur(real, sigma))
+            blurred_real = blurred(real, real_features, sigma)
             by_blur.append(
                 {
                     "radius_256px": radius,
                     "sigma_px": sigma,
-                    "fid_generated": frechet_distance(blurred_real, features(blur(generated, sigma))),
-                    "fid_reconstruction": frechet_distance(blurred_real, features(blur(recon, sigma))),
+                    "fid_generated": frechet_distance(blurred_real, blurred(generated, generated_features, sigma)),
+                    "fid_reconstruction": frechet_distance(blurred_real, blurred(recon, recon_features, sigma)),
                 }
             )
         groups = accuracy_by_group(evalnet, generated, records)
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         nll = evaluate_prior(models.prior, test_tokens, len(test_tokens), device)
         metrics: dict = {
             fid_key: by_n[cfg.rerank_n.index(headline)][fid_key],
-            f"{fid_key}_reconstruction": by_blur[0]["fid_reconstruction"] if cfg.blur_radii[0] == 0 else None,
+            f"{fid_key}_reconstruction": frechet_distance(real_features, recon_features),
             "headline_n": headline,
             "reranker_score": by_n[cfg.rerank_n.index(headline)]["reranker_score"],
             "test_text_nll": nll["val_text_nll"],
@@ -207,8 +213,6 @@ def main(argv: list[str] | None = None) -> None:
             "test_image_bits": nll["val_image_bits"],
             "captions": len(captions),
         }
-        if metrics[f"{fid_key}_reconstruction"] is None:
-            metrics[f"{fid_key}_reconstruction"] = frechet_distance(real_features, features(recon))
         for group, accuracy in groups.items():
             metrics.update({f"accuracy_{attribute}_{group}": value for attribute, value in accuracy.items()})
         for group, accuracy in accuracy_by_group(evalnet, real, test.records).items():
