@@ -32,7 +32,7 @@ from pipelines.evaluate import accuracy_by_group, feature_space, load_evalnet_or
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
-from pipelines.tracking import tracking_uri, training_run
+from pipelines.tracking import MlflowCurves, tracking_uri, training_run
 from pipelines.train_dvae import PREPARED
 from pipelines.train_prior import TOKENS, data_fingerprint, peak_memory_mb
 
@@ -41,12 +41,8 @@ REPORT_DIR = Path("reports/ablation/runs")  # one folder per schedule; the summa
 CHECKPOINTS = Path("checkpoints/ablation")
 
 
-class MlflowCallbacks(Callbacks):
-    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
+class MlflowCallbacks(MlflowCurves, Callbacks):
+    """Curves to MLflow (``MlflowCurves``); the trainer's other hooks stay no-ops."""
 
 
 def ablation_key(params: Params, fingerprint: str) -> str:

@@ -47,7 +47,14 @@ from dalle.prior_train import Callbacks as PriorCallbacks  # noqa: E402
 from dalle.prior_train import geometry_of, train_prior  # noqa: E402
 from dalle.text import TextTokenizer  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
-from pipelines.tracking import _experiment_id, check_reachable, repo_root, run_tags, tracking_uri  # noqa: E402
+from pipelines.tracking import (  # noqa: E402
+    MlflowCurves,
+    _experiment_id,
+    check_reachable,
+    repo_root,
+    run_tags,
+    tracking_uri,
+)
 from pipelines.train_dvae import MODEL_DIR as DVAE_DIR  # noqa: E402
 from pipelines.train_dvae import PREPARED  # noqa: E402
 from pipelines.train_prior import TOKENS  # noqa: E402
@@ -106,7 +113,7 @@ def trial_config(params: Params, target: str, values: dict[str, object]):
     return dataclasses.replace(base, **{**cadence, **values})
 
 
-class Reporter(DvaeCallbacks, PriorCallbacks):
+class Reporter(MlflowCurves, DvaeCallbacks, PriorCallbacks):
     """Intermediate values → Optuna (and pruning) and the trial's MLflow run."""
 
     def __init__(self, trial: optuna.Trial, key: str, prune: bool):
@@ -116,7 +123,7 @@ class Reporter(DvaeCallbacks, PriorCallbacks):
         mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
+        super().on_validation(step, metrics)
         if self.prune:
             self.trial.report(metrics[self.key], step)
             if self.trial.should_prune():

@@ -150,6 +150,17 @@ def _resumable_run(resume_file: Path | None, uri: str, experiment_id: str) -> st
     return run_id if run.info.experiment_id == experiment_id else None
 
 
+class MlflowCurves:
+    """Training-loop callbacks that log to the active MLflow run: training rows as ``train_<name>``, validation
+    rows as they are. Stages mix it in before their trainer's ``Callbacks``, which supplies the other hooks."""
+
+    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
+
+    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=step)
+
+
 def flat_metrics(tree: dict, prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested metrics dict as ``{"a.b": value}`` for ``mlflow.log_metrics``."""
     out: dict[str, float] = {}

@@ -20,7 +20,7 @@ from dalle.data.tokens import load_tokens
 from dalle.text import TextTokenizer
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
-from pipelines.tracking import training_run
+from pipelines.tracking import MlflowCurves, training_run
 from pipelines.train_dvae import PREPARED
 from pipelines.train_dvae import data_fingerprint as prepared_fingerprint
 from pipelines.train_prior import TOKENS
@@ -31,12 +31,8 @@ REPORT_DIR = Path("reports/clip")
 CHECKPOINT = Path("checkpoints/clip/last.pt")
 
 
-class MlflowCallbacks(Callbacks):
-    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
+class MlflowCallbacks(MlflowCurves, Callbacks):
+    """Curves to MLflow (``MlflowCurves``); the trainer's other hooks stay no-ops."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from dalle.dvae_train import Callbacks, reconstruct, train_dvae
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_csv
-from pipelines.tracking import training_run
+from pipelines.tracking import MlflowCurves, training_run
 
 PREPARED = Path("data/prepared")
 MODEL_DIR = Path("models/dvae")
@@ -30,13 +30,7 @@ REPORT_DIR = Path("reports/dvae")
 CHECKPOINT = Path("checkpoints/dvae/last.pt")
 
 
-class MlflowCallbacks(Callbacks):
-    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
-
+class MlflowCallbacks(MlflowCurves, Callbacks):
     def on_images(self, step: int, grid: np.ndarray) -> None:
         mlflow.log_image(grid, key="reconstructions", step=step)
 

@@ -33,7 +33,7 @@ from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
-from pipelines.tracking import training_run
+from pipelines.tracking import MlflowCurves, training_run
 from pipelines.train_dvae import MODEL_DIR as DVAE_DIR
 from pipelines.train_dvae import PREPARED
 
@@ -43,17 +43,11 @@ REPORT_DIR = Path("reports/prior")
 CHECKPOINT = Path("checkpoints/prior/last.pt")
 
 
-class MlflowCallbacks(Callbacks):
+class MlflowCallbacks(MlflowCurves, Callbacks):
     """Curves to MLflow; sample token grids decoded by the dVAE and logged (and kept) as a contact sheet."""
 
     def __init__(self, dvae, captions: list[str], sheet_path: Path):
         self.dvae, self.captions, self.sheet_path = dvae, captions, sheet_path
-
-    def on_train_log(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics({f"train_{k}": v for k, v in metrics.items()}, step=step)
-
-    def on_validation(self, step: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=step)
 
     @torch.no_grad()
     def on_samples(self, step: int, image_tokens: np.ndarray) -> None:
