@@ -140,9 +140,9 @@ class Workloads:
             "block_density": block_density(kind, text_len, grid, kernel),
             "mask_density": mask_density(kind, text_len, grid, kernel),
         }
+        call = partial(attention_call, kind, text_len, grid, prior.n_heads, prior.d_model // prior.n_heads)
         for impl in self.bench.attn_impls:
             for backward, name in ((False, "forward"), (True, "train")):
-                call = partial(attention_call, kind, text_len, grid, prior.n_heads, prior.d_model // prior.n_heads)
                 try:
                     measured = measure(call(impl, backward, self.device, kernel), **self.timed)
                 except Exception as err:  # see training(): flex may not run here
