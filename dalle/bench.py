@@ -31,7 +31,7 @@ from dalle.flops import matmul_flops
 from dalle.masks import attention_mask, block_mask
 from dalle.prior import Prior, PriorGeometry, compiled_flex_attention
 from dalle.sampling import sample_image_tokens
-from dalle.training import adamw
+from dalle.training import adamw, mixed_precision
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
@@ -148,10 +148,6 @@ def fresh_compiles() -> None:
     torch._dynamo.reset()
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 # --- workloads: each returns a zero-argument callable that does one unit of work ---------------------------------
 
 
@@ -184,7 +180,7 @@ def prior_training_step(
     batch = random_stream(geometry, batch_size, device)
 
     def step() -> None:
-        with autocast(device):
+        with mixed_precision(device):
             _, loss = prior(*batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -271,13 +267,13 @@ def sampling_runs(
     def cached_with(scale: float) -> Callable[[], Tensor]:
         def run() -> Tensor:
             generator = torch.Generator(device).manual_seed(0)
-            with autocast(device):
+            with mixed_precision(device):
                 return sample_image_tokens(prior, text_ids, text_lengths, guidance_scale=scale, generator=generator)
 
         return run
 
     def uncached_autocast() -> None:
-        with autocast(device):
+        with mixed_precision(device):
             uncached()
 
     return SamplingRuns(cached_with(1.0), cached_with(guidance_scale), uncached_autocast, g.grid**2 / len(positions))
@@ -295,7 +291,7 @@ def dvae_runs(cfg: DvaeConfig, image_size: int, batch_size: int, device: torch.d
 
     def train() -> None:
         model.train()
-        with autocast(device):
+        with mixed_precision(device):
             loss, _ = model(images, tau=1.0, kl_weight=cfg.kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -304,7 +300,7 @@ def dvae_runs(cfg: DvaeConfig, image_size: int, batch_size: int, device: torch.d
     def inference(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
         def run() -> Tensor:
             model.eval()
-            with autocast(device):
+            with mixed_precision(device):
                 return fn()
 
         return run

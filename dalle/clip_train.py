@@ -23,6 +23,7 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
+    mixed_precision,
     restore_training_state,
     save_training_state,
     set_lr,
@@ -120,7 +121,7 @@ def train_clip(
         images = batch_indices(step, len(train_images), cfg.batch_size, seed)
         rows = caption_rows(step, images, train_tokens.caption_offsets, cfg.batch_size, seed)
         pixels = to_float_images(train_images[images], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             logits, loss = model(pixels, *text_batch(train_tokens, rows, device))
         if not torch.isfinite(loss):
             raise FloatingPointError(

@@ -22,6 +22,7 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
+    mixed_precision,
     restore_training_state,
     save_training_state,
     set_lr,
@@ -93,7 +94,7 @@ def train_dvae(
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
         images = to_float_images(train_images[batch_indices(step, len(train_images), cfg.batch_size, seed)], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             loss, parts = model(images, tau=tau, kl_weight=beta)
         if not torch.isfinite(loss):
             raise FloatingPointError(

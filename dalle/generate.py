@@ -26,6 +26,7 @@ from dalle.pixels import to_float_images
 from dalle.prior import Prior, load_prior
 from dalle.sampling import sample_image_tokens
 from dalle.text import TextTokenizer
+from dalle.training import mixed_precision
 from dalle.viz import contact_sheet
 
 MANIFEST_COLUMNS = ("caption", "path", "rank", "score")
@@ -117,7 +118,7 @@ def generate(
         for start in range(0, candidates, batch_size):
             n = min(batch_size, candidates - start)
             text_ids, text_lengths = ids.expand(n, -1), length.expand(n)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with mixed_precision(device):
                 prime = None if prime_tokens is None else prime_tokens.to(device).expand(n, -1)
                 tokens = sample_image_tokens(
                     models.prior,
@@ -155,7 +156,7 @@ def draw_one_each(
     for start in range(0, len(captions), batch_size):
         ids = torch.from_numpy(encoded.ids[start : start + batch_size].astype(np.int64)).to(device)
         lengths = torch.from_numpy(encoded.lengths[start : start + batch_size].astype(np.int64)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             tokens = sample_image_tokens(models.prior, ids, lengths, temperature, top_k, top_p, generator=generator)
             pixels = models.dvae.decode(tokens.view(len(ids), grid, grid)).float().clamp(0, 1)
         images.append((pixels.permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy())

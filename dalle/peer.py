@@ -17,9 +17,10 @@ import importlib.util
 
 import torch
 
-from dalle.bench import autocast, measure
+from dalle.bench import measure
 from dalle.config import PriorConfig
 from dalle.prior import PriorGeometry
+from dalle.training import mixed_precision
 
 PEERS = ("dalle-pytorch",)
 MODULES = {"dalle-pytorch": "dalle_pytorch"}
@@ -89,7 +90,7 @@ def peer_measurements(
 
     def train_step() -> None:
         model.train()
-        with autocast(device):
+        with mixed_precision(device):
             loss = model(text, image, return_loss=True)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -103,7 +104,7 @@ def peer_measurements(
         model.eval()
         tokens = sample_text.new_zeros(sample_batch_size, 0)
         cache: dict = {}
-        with autocast(device):
+        with mixed_precision(device):
             for _ in range(g.grid**2):
                 logits = model(sample_text, tokens, cache=cache)[:, -1, model.num_text_tokens :]
                 drawn = torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)

@@ -31,6 +31,7 @@ from dalle.training import (
     adamw,
     batch_indices,
     default_device,
+    mixed_precision,
     restore_training_state,
     save_training_state,
     set_lr,
@@ -115,7 +116,7 @@ def training_losses(model: torch.nn.Module, prior: Prior, batch: Batch) -> tuple
     Returns the losses and the global number of text targets."""
     _, size = world()
     global_count = all_reduce_sum(text_targets(batch.text_lengths).double().reshape(1))[0]
-    with torch.autocast(batch.image_tokens.device.type, dtype=torch.bfloat16, enabled=batch.image_tokens.is_cuda):
+    with mixed_precision(batch.image_tokens.device):
         logits, _ = model(*batch)
     return prior.losses(logits, *batch, text_count=global_count / size), global_count
 
@@ -132,7 +133,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torc
     for start in range(0, len(shard), batch_size):
         images = shard[start : start + batch_size]
         batch = to_batch(tokens, images, tokens.caption_offsets[images], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             logits, _ = prior(*batch)
         losses = prior.losses(logits, *batch)
         count = text_targets(batch.text_lengths).double()
@@ -208,7 +209,7 @@ def train_prior(
             return
         prior.eval()
         generator = torch.Generator(device).manual_seed(seed)  # the same draw at every interval: comparable grids
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             image_tokens = sample_image_tokens(prior, *(t.to(device) for t in sample_text), generator=generator)
         grid = geometry.grid
         callbacks.on_samples(step, image_tokens.view(-1, grid, grid).cpu().numpy())

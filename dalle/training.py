@@ -18,6 +18,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def mixed_precision(device: torch.device):
+    """The project's precision policy: bf16 autocast on CUDA, full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def epoch_of(step: int, n_items: int, batch_size: int) -> tuple[int, int]:
     """(epoch, batch position within it) of training batch ``step``; a partial last batch is dropped."""
     return divmod(step, max(n_items // batch_size, 1))

@@ -20,7 +20,7 @@ from dalle.data.store import Split
 from dalle.dvae import DiscreteVAE
 from dalle.pixels import to_float_images
 from dalle.text import TextTokenizer
-from dalle.training import epoch_of
+from dalle.training import epoch_of, mixed_precision
 
 FILES = ("image_tokens.npy", "text_ids.npy", "text_lengths.npy", "caption_offsets.npy")
 
@@ -48,7 +48,7 @@ def encode_images(model: DiscreteVAE, images: np.ndarray, batch_size: int, desc:
     tokens = np.empty((len(images), grid, grid), dtype=token_dtype(model.cfg.codebook_size))
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
         batch = to_float_images(images[start : start + batch_size], device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with mixed_precision(device):
             tokens[start : start + len(batch)] = model.encode(batch).cpu().numpy()
     return tokens
 
