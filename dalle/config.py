@@ -58,8 +58,12 @@ class MlflowConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["shapes", "folder", "manifest"] = "shapes"
+    source: Literal["shapes", "folder", "manifest", "webdataset"] = "shapes"
     path: str | None = None
+    caption_key: str | None = None
+    group_key: str | None = None
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
     image_size: int = 32
     n_train: int = 10000
     n_val: int = 500
@@ -73,14 +77,40 @@ class DataConfig:
         ("cyan", "triangle"),
     )
     heldout_fraction: float = 0.5
+    background: tuple[int, int, int] = (255, 255, 255)
+    min_size: int = 32
+    max_aspect: float = 3.0
+    max_pixels: int = 89_478_485
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    image_quality: int = 95
+    shard_size: int = 4096
+    cache_mb: int = 4096
     workers: int = 2
 
     def __post_init__(self):
         _check(
             self.source == "shapes" or self.path is not None,
             "path",
-            f"is required when data.source is {self.source!r} (a folder of images or a CSV/Parquet manifest)",
+            f"is required when data.source is {self.source!r} (a folder, a CSV/Parquet manifest or .tar shards)",
         )
+        for key in ("caption_key", "group_key"):
+            value = getattr(self, key)
+            _check(value is None or bool(value.strip()), key, "must be null or a non-empty field name")
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            _check(0.0 < value < 1.0, key, f"must be in (0, 1), got {value}")
+        _check(
+            self.val_fraction + self.test_fraction < 1.0,
+            "test_fraction",
+            f"val_fraction + test_fraction must leave a training share, got {self.val_fraction + self.test_fraction}",
+        )
+        _check(all(0 <= c <= 255 for c in self.background), "background", f"must be 0..255 each, got {self.background}")
+        _check(self.min_size >= 1, "min_size", f"must be >= 1, got {self.min_size}")
+        _check(self.max_aspect >= 1.0, "max_aspect", f"must be >= 1 (long side / short side), got {self.max_aspect}")
+        _check(self.max_pixels >= 1, "max_pixels", f"must be >= 1, got {self.max_pixels}")
+        _check(1 <= self.image_quality <= 100, "image_quality", f"must be in 1..100, got {self.image_quality}")
+        _check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+        _check(self.cache_mb >= 0, "cache_mb", f"must be >= 0, got {self.cache_mb}")
         _check(16 <= self.image_size <= 256, "image_size", f"must be in 16..256, got {self.image_size}")
         _check(self.n_train >= 1, "n_train", f"must be >= 1, got {self.n_train}")
         _check(self.n_val >= 1, "n_val", f"must be >= 1, got {self.n_val}")
@@ -356,13 +386,15 @@ class EvalNetConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The ``evaluate`` stage: FID, FID vs blur, FID and accuracy vs rerank N, NLL on the test split."""
+    """The ``evaluate`` stage: FID, FID vs blur, FID and accuracy (or CLIP-score) vs rerank N, retrieval, NLL on the
+    test split, sample sheets."""
 
     fid_features: Literal["auto", "inception"] = "auto"
     inception_weights: str | None = None
     n_captions: int = 128
     rerank_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     blur_radii: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    sheet_captions: int = 32
 
     def __post_init__(self):
         _check(
@@ -375,6 +407,7 @@ class EvalConfig:
         _check(all(n >= 1 for n in self.rerank_n), "rerank_n", f"every N must be >= 1, got {list(self.rerank_n)}")
         _check(list(self.rerank_n) == sorted(set(self.rerank_n)), "rerank_n", "must be increasing, without repeats")
         _check(all(r >= 0 for r in self.blur_radii), "blur_radii", f"must be >= 0, got {list(self.blur_radii)}")
+        _check(self.sheet_captions >= 1, "sheet_captions", f"must be >= 1, got {self.sheet_captions}")
 
 
 @dataclass(frozen=True)

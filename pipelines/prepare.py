@@ -15,13 +15,32 @@ from pipelines.tracking import flat_metrics, stage_run
 OUT_DIR = Path("data/prepared")
 
 
+def unit_range(text: str) -> slice:
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit() or int(start) >= int(stop):
+        raise argparse.ArgumentTypeError(f"expected START:STOP with 0 <= START < STOP, got {text!r}")
+    return slice(int(start), int(stop))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help=f"output directory (default: {OUT_DIR})")
+    parser.add_argument(
+        "--shards",
+        type=unit_range,
+        metavar="START:STOP",
+        help="build only these input units (webdataset shards, or blocks of data.shard_size files) into the "
+        "staging area and publish nothing: machines sharing the filesystem each take a range; a final run "
+        "without --shards publishes",
+    )
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
+    if args.shards is not None:
+        prepare_dataset(params, args.out, units=args.shards)
+        print(f"prepare: built units {args.shards.start}:{args.shards.stop} into the staging area beside {args.out}")
+        return
     with stage_run("prepare", params):
         stats = prepare_dataset(params, args.out)
         mlflow.log_metrics(flat_metrics(stats))

@@ -1,7 +1,11 @@
-"""Ingestion of real image–caption datasets: tiny folders and manifests built with PIL in ``tmp_path``."""
+"""Real sources (folder, manifest, webdataset shards) listed, split by hash and ingested into prepared shards."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -9,260 +13,208 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle.config import DataConfig
-from dalle.data.ingest import REASONS, Skipped, iter_real, list_items, load_image, split_items
+from dalle.config import DataConfig, Params, TokenizerConfig
+from dalle.data.ingest import Skipped
+from dalle.data.prepare import prepare_dataset
+from dalle.data.sources import ListingSkip, iter_raw, shard_urls, split_of
+from dalle.data.store import load_split, verify_split
 
 SIZE = 16
 GREEN = (30, 200, 30)
 
 
-def _save(path: Path, img: Image.Image) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-def _noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+def _noise(seed: int, width: int = 24, height: int = 20) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def _thirds(width: int, height: int) -> Image.Image:
-    """Red, green, blue thirds along the longer side."""
-    pixels = np.zeros((height, width, 3), np.uint8)
-    long_side = max(width, height)
-    for i, colour in enumerate([(230, 30, 30), GREEN, (40, 80, 255)]):
-        span = slice(i * long_side // 3, (i + 1) * long_side // 3)
-        pixels[(slice(None), span) if width >= height else (span, slice(None))] = colour
-    return Image.fromarray(pixels)
+def _config(path, source: str, **overrides) -> DataConfig:
+    fields = dict(image_size=SIZE, min_size=SIZE, n_train=1000, n_val=1000, n_test=1000, workers=1)
+    return DataConfig(source=source, path=str(path), **(fields | overrides))
 
 
-def _corrupt(path: Path) -> Path:
+def _params(cfg: DataConfig) -> Params:
+    return Params(data=cfg, tokenizer=TokenizerConfig(vocab_size=300, text_len=16))
+
+
+def _listed(cfg: DataConfig) -> tuple[list, list]:
+    listed = list(iter_raw(cfg))
+    return [s for s in listed if not isinstance(s, ListingSkip)], [s for s in listed if isinstance(s, ListingSkip)]
+
+
+def _write_shard(path: Path, samples: list[dict], parquet: bool = True) -> None:
+    """An img2dataset-style shard: KEY.jpg/png + KEY.txt + KEY.json per sample, a .parquet beside it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(np.random.default_rng(1).integers(0, 256, 2000, dtype=np.uint8).tobytes())
-    return path
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for suffix, data in sample["files"].items():
+                info = tarfile.TarInfo(f"{sample['key']}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    if parquet:
+        rows = [{"key": s["key"], "status": "success", "width": 24} for s in samples]
+        pd.DataFrame(rows).to_parquet(path.with_suffix(".parquet"), index=False)
 
 
-def _truncated_png(path: Path) -> Path:
-    _save(path, Image.fromarray(_noise(64, 64)))
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with Image.open(path) as img:  # the header survives, so only decoding can notice
-        assert img.size == (64, 64)
-    return path
-
-
-def _good_images() -> dict[str, Image.Image]:
-    """Various sizes, aspect ratios and modes, each a file name relative to the dataset root."""
-    rgba = np.zeros((50, 30, 4), np.uint8)
-    rgba[..., :3], rgba[..., 3] = (200, 10, 10), np.linspace(0, 255, 30, dtype=np.uint8)
-    return {
-        "a.png": Image.new("RGB", (40, 30), GREEN),
-        "b.png": Image.fromarray(rgba, "RGBA"),
-        "c.PNG": Image.new("L", (64, 64), 100),
-        "nested/d.jpg": Image.fromarray(_noise(100, 60)),
-        "nested/deeper/e.webp": Image.fromarray(_noise(33, 17, seed=2)),
-        "f.png": Image.fromarray(_noise(20, 20, seed=3)).convert("P"),
-        "g.jpeg": Image.new("CMYK", (50, 20), (0, 255, 255, 0)),
-    }
+def _wds_samples(start: int, count: int, photos: int = 5) -> list[dict]:
+    samples = []
+    for i in range(start, start + count):
+        meta = {"key": f"{i:09d}", "caption": f"json caption {i}", "photo": f"photo-{i % photos}"}
+        files = {"png": _png(_noise(i)), "txt": f"text caption {i}\n".encode(), "json": json.dumps(meta).encode()}
+        samples.append({"key": f"{i:09d}", "files": files})
+    return samples
 
 
 @pytest.fixture
-def folder(tmp_path) -> Path:
-    root = tmp_path / "photos"
-    for name, img in _good_images().items():
-        _save(root / name, img).with_suffix(".txt").write_text(f"a picture called {name}\n")
-    (root / "a.txt").write_text("a green rectangle\n\n   a flat green image  \n")
-    _corrupt(root / "bad/corrupt.jpg").with_suffix(".txt").write_text("noise\n")
-    _truncated_png(root / "bad/truncated.png").with_suffix(".txt").write_text("half an image\n")
-    _save(root / "bad/empty.png", Image.new("RGB", (20, 20))).with_suffix(".txt").write_text("\n  \n")
-    _save(root / "bad/nocap.png", Image.new("RGB", (20, 20)))
-    (root / "notes.txt").write_text("a caption file without an image is ignored\n")
-    (root / "README.md").write_text("not an image\n")
+def shards(tmp_path) -> Path:
+    root = tmp_path / "shards"
+    _write_shard(root / "00000.tar", _wds_samples(0, 30))
+    samples = _wds_samples(30, 30)
+    samples[0]["files"].pop("png")  # no image
+    samples[1]["files"].pop("txt")  # no caption
+    samples[2]["files"]["txt"] = b"\xff\xfe bad bytes"  # not UTF-8
+    samples[3]["files"]["png"] = samples[3]["files"]["png"][:60]  # truncated
+    _write_shard(root / "00001.tar", samples, parquet=False)
     return root
 
 
-def _config(path: Path, source: str = "folder", **overrides) -> DataConfig:
-    fields = dict(image_size=SIZE, n_train=100, n_val=2, n_test=2, workers=3) | overrides
-    return DataConfig(source=source, path=str(path), **fields)
+def test_split_of_is_a_pure_function_of_the_group_with_the_configured_fractions():
+    cfg = DataConfig(source="folder", path="x", val_fraction=0.1, test_fraction=0.2)
+    splits = [split_of(f"group-{i}", cfg) for i in range(5000)]
+    assert splits == [split_of(f"group-{i}", cfg) for i in range(5000)]
+    shares = {split: splits.count(split) / len(splits) for split in ("train", "val", "test")}
+    assert shares["val"] == pytest.approx(0.1, abs=0.015) and shares["test"] == pytest.approx(0.2, abs=0.02)
 
 
-def _drain(cfg: DataConfig, seed: int = 0) -> tuple[dict[str, list[tuple[np.ndarray, dict]]], Skipped]:
-    skipped = Skipped()
-    return {split: list(it) for split, it in iter_real(cfg, seed, skipped).items()}, skipped
+def test_webdataset_paths_directory_glob_brace_and_file_url(shards):
+    names = ["00000.tar", "00001.tar"]
+    for path in (shards, f"{shards}/*.tar", f"{shards}/{{00000..00001}}.tar", f"file://{shards}"):
+        urls = shard_urls(str(path))
+        assert [u.rsplit("/", 1)[-1] for u in urls] == names, path
+    with pytest.raises(FileNotFoundError, match="shard .*00002.tar does not exist"):
+        shard_urls(f"{shards}/{{00000..00007}}.tar")
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        shard_urls(str(shards / "nothing-*.tar"))
 
 
-def _expect_counts(**counts: int) -> dict[str, int]:
-    return {reason: counts.get(reason, 0) for reason in REASONS}
-
-
-@pytest.mark.parametrize("width, height, middle", [(48, 16, np.s_[:, 16:32]), (16, 48, np.s_[16:32, :])])
-def test_centre_crop_without_resampling_is_the_middle_square(tmp_path, width, height, middle):
-    pixels = _noise(width, height)
-    path = _save(tmp_path / "noise.png", Image.fromarray(pixels))
-    np.testing.assert_array_equal(load_image(path, SIZE), pixels[middle])
-
-
-@pytest.mark.parametrize("size", [(192, 32), (32, 192)])
-def test_downscaled_centre_crop_keeps_only_the_middle_third(tmp_path, size):
-    # The centred 32x32 square lies deep inside the green third, beyond the bicubic filter's reach.
-    image = load_image(_save(tmp_path / "thirds.png", _thirds(*size)), SIZE)
-    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
-    assert (image == GREEN).all()
-
-
-@pytest.mark.parametrize(
-    "img, colour",
-    [
-        (Image.new("RGB", (300, 200), GREEN), GREEN),
-        (Image.new("L", (20, 40), 100), (100, 100, 100)),
-        (Image.new("RGB", (20, 20), GREEN).convert("P", palette=Image.Palette.ADAPTIVE), GREEN),
-        (Image.new("RGBA", (20, 20), (200, 10, 10, 255)), (200, 10, 10)),
-        (Image.new("RGBA", (20, 20), (0, 0, 0, 0)), (255, 255, 255)),  # transparent: white, not black
-        (Image.new("LA", (20, 20), (50, 255)), (50, 50, 50)),
-        (Image.fromarray(np.full((20, 20), 257 * 60, np.uint16)), (60, 60, 60)),  # 16-bit grey is scaled
-    ],
-)
-def test_modes_become_rgb_and_solid_colours_survive(tmp_path, img, colour):
-    image = load_image(_save(tmp_path / "solid.png", img), SIZE)
-    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
-    assert (image == colour).all()
-
-
-def test_transparent_palette_and_cmyk(tmp_path):
-    palette = Image.new("P", (20, 20), 0)
-    palette.putpalette([10, 20, 30] * 256)
-    palette.info["transparency"] = 0
-    assert (load_image(_save(tmp_path / "p.png", palette), SIZE) == 255).all()
-    cmyk = load_image(_save(tmp_path / "c.jpg", Image.new("CMYK", (40, 20), (0, 255, 255, 0))), SIZE)
-    assert cmyk[..., 0].min() > 200 and cmyk[..., 1:].max() < 50  # red, give or take JPEG
-
-
-def test_folder_listing(folder):
-    items, skipped = list_items(_config(folder))
-    sources = [item.source for item in items]
-    assert sources == sorted(sources)
-    assert set(sources) == set(_good_images()) | {"bad/corrupt.jpg", "bad/truncated.png"}
-    assert skipped.counts() == _expect_counts(empty_caption=1, missing_caption=1)
-    assert skipped.paths["empty_caption"] == ["bad/empty.png"]
-    assert skipped.paths["missing_caption"] == ["bad/nocap.png"]
-    by_source = {item.source: item for item in items}
-    assert by_source["a.png"].captions == ["a green rectangle", "a flat green image"]
-    assert by_source["nested/deeper/e.webp"].image == folder / "nested/deeper/e.webp"
-
-
-def test_folder_iter_real_decodes_good_images_and_counts_bad_ones(folder):
-    splits, skipped = _drain(_config(folder))
-    records = [record for split in splits.values() for _, record in split]
-    assert sorted(r["source"] for r in records) == sorted(_good_images())
-    for split in splits.values():
-        for image, record in split:
-            assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
-            assert record["captions"] and all(isinstance(c, str) for c in record["captions"])
-    assert skipped.counts() == _expect_counts(unreadable_image=2, empty_caption=1, missing_caption=1)
-    assert sorted(skipped.paths["unreadable_image"]) == ["bad/corrupt.jpg", "bad/truncated.png"]
-
-
-def _manifest(tmp_path: Path, suffix: str) -> Path:
-    root = tmp_path / "set"
-    images = {name: _save(root / "images" / name, img) for name, img in _good_images().items()}
-    _corrupt(root / "images/corrupt.jpg")
-    _save(root / "images/blank.png", Image.new("RGB", (20, 20)))
-    outside = _save(tmp_path / "elsewhere/abs.png", Image.new("RGB", (30, 20), GREEN))
-    rows = [(f"images/{name}", f"caption of {name}") for name in images]
-    rows += [
-        ("./images/a.png", "  a second caption for a  "),  # same image, spelled differently
-        ("images/a.png", ""),  # a blank row beside good ones is dropped, not counted
-        ("images/missing.png", "nothing here"),
-        ("images/blank.png", "   "),
-        ("images/corrupt.jpg", "noise"),
-        (str(outside), "absolute path"),
+def test_webdataset_listing_reads_captions_metadata_and_counts_listing_skips(shards):
+    samples, skips = _listed(_config(shards, "webdataset"))
+    assert [(s.reason, s.key) for s in skips] == [
+        ("missing_image", "00001.tar/000000030"),
+        ("missing_caption", "00001.tar/000000031"),
     ]
-    frame = pd.DataFrame(rows, columns=["image", "caption"]).assign(extra=1)
-    path = root / f"manifest{suffix}"
-    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path, index=False)
-    return path
+    first = samples[0]
+    assert first.key == "00000.tar/000000000" and first.group == "000000000"
+    assert first.captions == b"text caption 0\n"
+    assert first.meta["photo"] == "photo-0" and first.meta["status"] == "success"  # JSON and parquet merged
+    by_json, _ = _listed(_config(f"file://{shards}", "webdataset", caption_key="caption", group_key="photo"))
+    assert by_json[0].captions == b"json caption 0" and by_json[0].group == "photo-0"
+    assert len(by_json) == 59  # the sample without .txt has a JSON caption
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".pq"])
-def test_manifest(tmp_path, suffix):
-    cfg = _config(_manifest(tmp_path, suffix), source="manifest")
-    items, skipped = list_items(cfg)
-    assert skipped.counts() == _expect_counts(missing_image=1, empty_caption=1)
-    assert skipped.paths == {
-        "unreadable_image": [], "empty_caption": ["images/blank.png"],
-        "missing_image": ["images/missing.png"], "missing_caption": [],
-    }  # fmt: skip
-    by_source = {item.source: item for item in items}
-    assert by_source["images/a.png"].captions == ["caption of a.png", "a second caption for a"]
-    outside = (tmp_path / "elsewhere/abs.png").as_posix()
-    assert len(items) == len(_good_images()) + 2 and outside in by_source
-
-    splits, skipped = _drain(cfg)
-    decoded = {record["source"]: (image, record) for split in splits.values() for image, record in split}
-    assert set(decoded) == {f"images/{name}" for name in _good_images()} | {outside}
-    assert decoded["images/a.png"][1]["captions"] == ["caption of a.png", "a second caption for a"]
-    assert (decoded["images/a.png"][0] == GREEN).all()
-    assert skipped.counts() == _expect_counts(unreadable_image=1, missing_image=1, empty_caption=1)
+def test_webdataset_prepare_end_to_end(shards, tmp_path):
+    cfg = _config(shards, "webdataset", group_key="photo", val_fraction=0.2, test_fraction=0.2)
+    with pytest.warns(UserWarning, match="caption_not_utf8"):
+        stats = prepare_dataset(_params(cfg), tmp_path / "prepared")
+    assert sum(stats["n_images"].values()) == 56
+    assert stats["skipped"]["missing_image"] == stats["skipped"]["missing_caption"] == 1
+    assert stats["skipped"]["caption_not_utf8"] == 1 and stats["skipped"]["truncated"] == 1
+    photos = {}
+    for split in ("train", "val", "test"):
+        part = load_split(tmp_path / "prepared", split)
+        assert part.images.shape == (len(part), SIZE, SIZE, 3)
+        assert verify_split(tmp_path / "prepared" / split) == []
+        for record in part.records.to_dict("records"):
+            photo = json.loads(record["meta"])["photo"]
+            photos.setdefault(photo, set()).add(split)
+            assert record["captions"][0].startswith("text caption")
+    assert all(len(splits) == 1 for splits in photos.values())  # crops of one photo share a split
+    assert len(photos) == 5
 
 
-def _sources(cfg: DataConfig, seed: int) -> dict[str, list[str]]:
-    return {split: [record["source"] for _, record in part] for split, part in _drain(cfg, seed)[0].items()}
+def test_adding_shards_never_moves_a_sample_and_caps_only_drop(tmp_path):
+    root = tmp_path / "shards"
+    _write_shard(root / "00000.tar", _wds_samples(0, 40, photos=40))
+    cfg = _config(root, "webdataset", val_fraction=0.25, test_fraction=0.25)
+    prepare_dataset(_params(cfg), tmp_path / "a")
+    _write_shard(root / "00001.tar", _wds_samples(40, 40, photos=40))
+    prepare_dataset(_params(cfg), tmp_path / "b")
+    capped = dataclasses.replace(cfg, n_train=5, n_val=3, n_test=3)
+    stats = prepare_dataset(_params(capped), tmp_path / "c")
+
+    def sources(root: Path) -> dict[str, list[str]]:
+        return {split: list(load_split(root, split).records["source"]) for split in ("train", "val", "test")}
+
+    before, after, small = sources(tmp_path / "a"), sources(tmp_path / "b"), sources(tmp_path / "c")
+    for split in before:
+        assert after[split][: len(before[split])] == before[split]  # old samples kept their split and order
+        assert small[split] == after[split][: len(small[split])]  # a cap drops, never reassigns
+    assert {split: len(small[split]) for split in small} == {"train": 5, "val": 3, "test": 3}
+    # Good samples beyond a full split are counted until every split is full; then reading stops.
+    assert 0 < stats["over_cap"]["train"] <= len(after["train"]) - 5
 
 
-def test_splits_are_deterministic_disjoint_and_bounded(folder):
-    cfg = _config(folder, n_train=3, n_val=2, n_test=2)  # 9 listed items: 2 are left over
-    order = {seed: _sources(cfg, seed) for seed in (0, 1)}
-    assert order[0] == _sources(cfg, 0)
-    assert order[0] != order[1]
+def test_folder_and_manifest_use_the_same_hash_split(tmp_path):
+    folder, rows = tmp_path / "folder", []
+    for i in range(30):
+        (folder / "sub").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_noise(i)).save(folder / "sub" / f"{i:02d}.png")
+        (folder / "sub" / f"{i:02d}.txt").write_text(f"caption {i}\n\n  second {i} \n")
+        rows += [(f"sub/{i:02d}.png", f"caption {i}"), (f"./sub/{i:02d}.png", f"second {i}")]
+    pd.DataFrame(rows, columns=["image", "caption"]).to_csv(tmp_path / "manifest.csv", index=False)
+    cfg = dict(val_fraction=0.2, test_fraction=0.2)
+    prepare_dataset(_params(_config(folder, "folder", **cfg)), tmp_path / "f")
+    (folder / "manifest.csv").write_bytes((tmp_path / "manifest.csv").read_bytes())
+    prepare_dataset(_params(_config(folder / "manifest.csv", "manifest", workers=2, **cfg)), tmp_path / "m")
+    for split in ("train", "val", "test"):
+        f, m = load_split(tmp_path / "f", split), load_split(tmp_path / "m", split)
+        assert list(m.records["source"]) == list(f.records["source"])
+        assert [list(c) for c in f.records["captions"]] == [list(c) for c in m.records["captions"]]
+        np.testing.assert_array_equal(np.asarray(f.images), np.asarray(m.images))
+        expected = [split_of(s, DataConfig(source="folder", path="x", **cfg)) for s in f.records["source"]]
+        assert set(expected) <= {split}
 
-    items, _ = list_items(cfg)
-    listed = split_items(items, cfg, seed=0)
-    assert {split: len(part) for split, part in listed.items()} == {"train": 3, "val": 2, "test": 2}
-    sources = [item.source for part in listed.values() for item in part]
-    assert len(sources) == len(set(sources))
-    for split, part in listed.items():  # decoding keeps the listed order, minus undecodable files
-        assert order[0][split] == [item.source for item in part if not item.source.startswith("bad/")]
+
+def test_manifest_listing_skips_and_metadata(tmp_path):
+    Image.fromarray(_noise(0)).save(tmp_path / "a.png")
+    Image.fromarray(_noise(1)).save(tmp_path / "b.png")
+    table = pd.DataFrame(
+        [("a.png", "first", "p1"), ("./a.png", "again", "p1"), ("b.png", " ", "p2"), ("gone.png", "x", "p3")],
+        columns=["image", "caption", "photo"],
+    )
+    table.to_parquet(tmp_path / "m.parquet", index=False)
+    samples, skips = _listed(_config(tmp_path / "m.parquet", "manifest", group_key="photo"))
+    assert [(s.key, s.captions, s.group, s.meta) for s in samples] == [
+        ("a.png", ("first", "again"), "p1", {"photo": "p1"})
+    ]
+    assert sorted((s.reason, s.key) for s in skips) == [("empty_caption", "b.png"), ("missing_image", "gone.png")]
+    with pytest.raises(ValueError, match="data.group_key.*'album'"):
+        _listed(_config(tmp_path / "m.parquet", "manifest", group_key="album"))
 
 
-def test_missing_paths_raise_file_not_found(tmp_path):
+def test_bad_paths_and_manifests_raise_naming_them(tmp_path):
     for source, name in [("manifest", "nope.csv"), ("folder", "nope")]:
         with pytest.raises(FileNotFoundError, match=rf"data\.path.*{name}"):
-            iter_real(_config(tmp_path / name, source=source), 0, Skipped())
-
-
-def test_bad_manifests_raise_value_error(tmp_path):
-    no_caption = tmp_path / "no_caption.csv"
-    pd.DataFrame({"image": ["a.png"], "text": ["a"]}).to_csv(no_caption, index=False)
+            _listed(_config(tmp_path / name, source))
+    pd.DataFrame({"image": ["a.png"], "text": ["a"]}).to_csv(tmp_path / "no_caption.csv", index=False)
     with pytest.raises(ValueError, match=r"no_caption\.csv.*'caption'"):
-        list_items(_config(no_caption, source="manifest"))
+        _listed(_config(tmp_path / "no_caption.csv", "manifest"))
     (tmp_path / "list.txt").write_text("a.png,a\n")
     with pytest.raises(ValueError, match=r"list\.txt"):
-        list_items(_config(tmp_path / "list.txt", source="manifest"))
-    with pytest.raises(ValueError, match="data.source"):
-        list_items(DataConfig(source="shapes"))
+        _listed(_config(tmp_path / "list.txt", "manifest"))
 
 
-def test_nothing_usable_raises(tmp_path):
-    root = tmp_path / "bad"
-    _save(root / "nocap.png", Image.new("RGB", (20, 20)))
-    _save(root / "empty.png", Image.new("RGB", (20, 20))).with_suffix(".txt").write_text("\n")
-    with pytest.raises(ValueError, match=r"data\.path.*'empty_caption': 1, 'missing_image': 0, 'missing_cap"):
-        iter_real(_config(root), 0, Skipped())
-
-
-def test_split_left_empty_raises(folder):
-    with pytest.raises(ValueError, match=r"'train' split.*data\.n_val=5"):
-        iter_real(_config(folder, n_val=5, n_test=4), 0, Skipped())
-
-
-def test_split_that_decodes_to_nothing_raises(tmp_path):
+def test_a_split_left_empty_fails_and_names_the_fractions(tmp_path):
     for i in range(3):
-        _corrupt(tmp_path / f"c{i}.jpg").with_suffix(".txt").write_text("noise\n")
-    skipped = Skipped()
-    splits = iter_real(_config(tmp_path, n_val=1, n_test=1), 0, skipped)
-    with pytest.raises(ValueError, match="'val' split failed to decode"):
-        list(splits["val"])
-    assert skipped.counts()["unreadable_image"] == 1
+        Image.fromarray(_noise(i)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("a caption\n")
+    with pytest.raises(ValueError, match=r"no usable images left for split.*data\.val_fraction=0\.05"):
+        prepare_dataset(_params(_config(tmp_path, "folder")), tmp_path.parent / "out")
 
 
 def test_warn_lists_counts_and_first_five_paths():

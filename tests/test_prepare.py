@@ -14,9 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from dalle.config import DataConfig, Params, TokenizerConfig
 from dalle.data.prepare import prepare_dataset
-from dalle.data.store import load_split
+from dalle.data.store import ImageShards, load_split
 from pipelines import prepare as prepare_stage
 
+SPLIT_FILES = ("index.json", "members.npy", "records.parquet", "shard-00000.tar")
 TINY = Params(
     seed=3,
     data=DataConfig(image_size=16, n_train=40, n_val=8, n_test=16, captions_per_image=2),
@@ -34,13 +35,9 @@ def test_prepare_writes_every_output(tmp_path):
     assert sorted(files(out)) == [
         "contact_sheet.png",
         "stats.json",
-        "test/images.npy",
-        "test/records.parquet",
+        *[f"{split}/{name}" for split in ("test",) for name in SPLIT_FILES],
         "tokenizer.json",
-        "train/images.npy",
-        "train/records.parquet",
-        "val/images.npy",
-        "val/records.parquet",
+        *[f"{split}/{name}" for split in ("train", "val") for name in SPLIT_FILES],
     ]
     assert json.loads((out / "stats.json").read_text()) == stats
     assert stats["n_images"] == {"train": 40, "val": 8, "test": 16}
@@ -52,7 +49,8 @@ def test_prepare_writes_every_output(tmp_path):
     assert stats["skipped"] == {}
     train = load_split(out, "train")
     assert train.images.shape == (40, 16, 16, 3) and train.images.dtype == np.uint8
-    assert isinstance(train.images, np.memmap)
+    assert isinstance(train.images, ImageShards)
+    assert 0 < stats["bytes_per_image"]["train"] < 16 * 16 * 3 + 1024  # a PNG and its record, tar headers included
     assert {"captions", "shape", "colour", "size", "position", "held_out"} <= set(train.records.columns)
     assert all(len(caps) == 2 for caps in train.records["captions"])
     assert not train.records["held_out"].any()
@@ -64,7 +62,7 @@ def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
     prepare_dataset(TINY, tmp_path / "b")
     prepare_dataset(dataclasses.replace(TINY, seed=4), tmp_path / "c")
     assert files(tmp_path / "a") == files(tmp_path / "b")
-    assert files(tmp_path / "a")["train/images.npy"] != files(tmp_path / "c")["train/images.npy"]
+    assert files(tmp_path / "a")["train/shard-00000.tar"] != files(tmp_path / "c")["train/shard-00000.tar"]
 
 
 def test_default_text_len_fits_every_shapes_caption(tmp_path):
@@ -84,7 +82,7 @@ def test_failed_run_keeps_the_previous_outputs(tmp_path):
         (junk / f"{i}.png").write_bytes(b"not an image")
         (junk / f"{i}.txt").write_text("a caption\n")
     bad = dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, source="folder", path=str(junk)))
-    with pytest.warns(UserWarning, match="unreadable_image"), pytest.raises(ValueError, match="data.path"):
+    with pytest.raises(ValueError, match=r"data\.path.*no usable images.*'unreadable_image': 30"):
         prepare_dataset(bad, out)
     assert files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk", "prepared"]

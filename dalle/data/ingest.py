@@ -1,54 +1,57 @@
-"""Real image–caption datasets for the data stage (Ramesh et al. 2021, §2.3: training uses text–image pairs).
+"""Ingest a source into prepared shards in resumable *units*: decode in worker processes, publish in order.
 
-Two layouts, chosen by ``data.source``:
+A unit is a fixed slice of the source: one input ``.tar`` shard (webdataset), a block of ``data.shard_size``
+listed files (folder, manifest), or ``data.shard_size`` rendered images of one split (shapes). A worker process
+turns a unit into up to three tar shards, one per split (each sample's split comes from its group's hash), and
+then writes ``unit-NNNNNN.json`` last, holding the records, member offsets, checksums and every skip by reason.
+Everything goes to a staging directory beside the output (``data/.prepared.staging``), so after a kill a rerun
+keeps each unit whose JSON exists and whose shards match their checksums, and builds only the rest. Units are
+published in source order, so the result is the same for any worker count, any kill and any resume; the first
+``n_train`` / ``n_val`` / ``n_test`` good samples of each split are kept and later ones dropped (``over_cap``),
+never moved to another split.
 
-- ``folder``: ``data.path`` is a directory, searched recursively, of images (.jpg/.jpeg/.png/.webp, any case),
-  each with a same-stem ``.txt`` beside it holding one caption per line (blank lines ignored).
-- ``manifest``: ``data.path`` is a CSV or Parquet file with columns ``image`` (relative to the manifest's
-  directory, or absolute) and ``caption``. Rows naming the same image become one item with several captions.
-
-Listing is cheap (paths and captions only), so splits are drawn before any pixel is decoded: items sorted by
-path, permuted by the seed, then val, test and train are cut in that order (``n_*`` are maxima). Decoding is
-lazy, threaded (PIL releases the GIL while decoding) and order-preserving. One bad file never stops a run:
-it is skipped and counted by reason in ``Skipped``, which the caller reports with ``Skipped.warn``.
-
-Each image becomes RGB, resized so its shorter side is ``image_size`` and centre-cropped to a square; no
-randomness, so prepared data is reproducible. Truncated files must raise, so this module relies on PIL's
-default ``ImageFile.LOAD_TRUNCATED_IMAGES = False``.
+Memory stays bounded: at most ``UNITS_PER_WORKER`` units per worker are in flight, and a worker holds one unit's
+encoded images at a time. Several machines can each build a range of units into one shared staging area
+(``units``); a final run publishes once every unit is there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+import ctypes
+import hashlib
+import json
+import multiprocessing
 import os
+import signal
+import sys
 import warnings
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import fsspec
 import numpy as np
-import pandas as pd
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dalle.config import DataConfig
+from dalle.data.decode import SKIP_REASONS, Skip, decode_captions, decode_image
+from dalle.data.shapes import iter_shapes
+from dalle.data.sources import SPLITS, ListingSkip, RawSample, iter_raw, iter_webdataset, shard_urls, split_of
+from dalle.data.store import SUFFIXES, SplitWriter, TarWriter, encode_image, file_sha256
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
-MANIFEST_READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-MANIFEST_COLUMNS = ("image", "caption")
-REASONS = ("unreadable_image", "empty_caption", "missing_image", "missing_caption")
-SPLITS = ("train", "val", "test")
+LISTING_REASONS = ("missing_image", "missing_caption", "missing_group", "bad_metadata")
+REASONS = LISTING_REASONS + tuple(r for r in SKIP_REASONS if r not in LISTING_REASONS)
 WARN_EXAMPLES = 5
-PREFETCH_PER_WORKER = 4  # decoded images in flight per thread: enough to hide latency, bounded memory
+UNITS_PER_WORKER = 2  # units in flight per worker: enough to keep it busy, bounded memory
+UNIT_FORMAT = 1
 
 
 @dataclass
 class Skipped:
-    """Items left out, by reason: ``paths[reason]`` lists their image paths relative to the dataset root."""
+    """Samples left out, by reason: ``paths[reason]`` lists their keys (paths relative to the dataset root, or
+    ``shard.tar/key``)."""
 
     paths: dict[str, list[str]] = field(default_factory=lambda: {reason: [] for reason in REASONS})
 
@@ -56,18 +59,13 @@ class Skipped:
         assert reason in REASONS, f"unknown skip reason {reason!r}"
         self.paths[reason].append(path)
 
-    def update(self, other: Skipped) -> None:
-        for reason in REASONS:
-            self.paths[reason].extend(other.paths[reason])
-
     def counts(self) -> dict[str, int]:
-        return {reason: len(self.paths[reason]) for reason in REASONS}
+        return {reason: len(paths) for reason, paths in self.paths.items()}
 
     def warn(self, source: str) -> None:
-        """One warning naming ``source`` with each non-empty reason's count and first few paths."""
+        """One warning naming ``source`` with each non-empty reason's count and first few keys."""
         lines = []
-        for reason in REASONS:
-            paths = self.paths[reason]
+        for reason, paths in self.paths.items():
             if paths:
                 more = f", ... ({len(paths) - WARN_EXAMPLES} more)" if len(paths) > WARN_EXAMPLES else ""
                 lines.append(f"  {reason}: {len(paths)} ({', '.join(paths[:WARN_EXAMPLES])}{more})")
@@ -77,213 +75,247 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class Item:
-    """One image and its captions; ``source`` is the image path relative to the dataset root (posix)."""
+class Unit:
+    """A slice of the source: listed samples, one shard URL (listed by the worker) or one shapes block."""
 
-    image: Path
-    captions: list[str]
-    source: str
-
-
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Decode ``path`` to uint8 RGB ``(image_size, image_size, 3)``: shorter side resized, centre cropped.
-
-    Raises whatever PIL raises on an unreadable or truncated file.
-    """
-    with Image.open(path) as img:
-        # JPEG only: decode at a reduced DCT scale, keeping the shorter side >= 2x the target for quality.
-        img.draft(None, (2 * image_size, 2 * image_size))
-        img.load()  # decode now, so a truncated file raises here and not halfway through a resize
-        ImageOps.exif_transpose(img, in_place=True)  # phone photos store rotation as a tag
-        rgb = _to_rgb(img)
-        width, height = rgb.size
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        # Resizing the centred square box equals "shorter side to image_size, then centre crop", with one
-        # rounding instead of two; reducing_gap first shrinks by box averaging, which keeps large
-        # downscales alias-free and fast.
-        square = rgb.resize(
-            (image_size, image_size),
-            Image.Resampling.BICUBIC,
-            box=(left, top, left + side, top + side),
-            reducing_gap=3.0,
-        )
-        return np.asarray(square, dtype=np.uint8)
+    id: int
+    payload: list[RawSample | ListingSkip] | str | tuple[str, int, int]
+    digest: str  # identifies the payload: a staged unit is reused only if its digest matches
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode == "PA" or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-    if img.mode.startswith("I"):
-        # 16/32-bit greyscale (e.g. 16-bit PNG): Pillow's own conversion clips at 255 instead of scaling.
-        grey = np.asarray(img, dtype=np.float64) / 257.0
-        img = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "RGBa", "La"):
-        # Plain conversion would expose whatever colour hides under transparent pixels (often black);
-        # compositing on white matches how such images are viewed.
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
-
-
-def list_items(cfg: DataConfig) -> tuple[list[Item], Skipped]:
-    """All usable items under ``cfg.path`` sorted by source, and the ones skipped while listing."""
-    if cfg.source not in ("folder", "manifest"):
-        raise ValueError(f"data.source: ingestion reads 'folder' or 'manifest' datasets, got {cfg.source!r}")
-    assert cfg.path is not None  # DataConfig requires a path for real sources
-    path = Path(cfg.path)
-    if not path.exists():
-        raise FileNotFoundError(f"data.path: {path} does not exist (data.source is {cfg.source!r})")
-    items, skipped = _list_folder(path) if cfg.source == "folder" else _list_manifest(path)
-    return sorted(items, key=lambda item: item.source), skipped
-
-
-def _list_folder(root: Path) -> tuple[list[Item], Skipped]:
-    if not root.is_dir():
-        raise ValueError(f"data.path: {root} is not a directory; data.source 'folder' expects one of images")
-    images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    items, skipped = [], Skipped()
-    for image in images:
-        source = image.relative_to(root).as_posix()
-        caption_file = image.with_suffix(".txt")
-        if not caption_file.is_file():
-            skipped.add("missing_caption", source)
-            continue
-        # utf-8-sig drops a BOM; a stray bad byte should cost one character, not the whole item.
-        text = caption_file.read_text(encoding="utf-8-sig", errors="replace")
-        captions = [line.strip() for line in text.splitlines() if line.strip()]
-        if not captions:
-            skipped.add("empty_caption", source)
-            continue
-        items.append(Item(image, captions, source))
-    return items, skipped
-
-
-def _list_manifest(manifest: Path) -> tuple[list[Item], Skipped]:
-    reader = MANIFEST_READERS.get(manifest.suffix.lower())
-    if reader is None:
-        raise ValueError(f"data.path: {manifest}: a manifest must end in {', '.join(MANIFEST_READERS)}")
+def process(sample: RawSample, cfg: DataConfig) -> tuple[bytes, list[str]] | Skip:
+    """Read, decode and re-encode one sample: (stored image bytes, captions), or the Skip that stopped it."""
     try:
-        if reader == "csv":
-            # Everything as text, and an empty cell as "" rather than NaN: blank captions are plain strings.
-            table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        if isinstance(sample.captions, bytes):
+            captions = decode_captions(sample.captions)
         else:
-            table = pd.read_parquet(manifest)
-    except (ValueError, OSError) as err:  # pandas' parser errors and pyarrow's ArrowInvalid are ValueErrors
-        raise ValueError(f"data.path: cannot read manifest {manifest}: {err}") from err
-    for column in MANIFEST_COLUMNS:
-        if column not in table.columns:
-            raise ValueError(
-                f"data.path: manifest {manifest} has no column {column!r}; "
-                f"expected {', '.join(MANIFEST_COLUMNS)}, found {', '.join(map(str, table.columns))}"
-            )
-    root = manifest.parent
-    captions: dict[Path, list[str]] = {}  # insertion order = order of first appearance
-    for image, caption in zip(table["image"].tolist(), table["caption"].tolist()):
-        image_path = Path(os.path.normpath(root / _text(image)))  # "./a.jpg" and "a.jpg" are one image
-        captions.setdefault(image_path, [])
-        if _text(caption):
-            captions[image_path].append(_text(caption))
-    items, skipped = [], Skipped()
-    for image_path, image_captions in captions.items():
-        source = _relative(image_path, root)
-        if not image_path.is_file():
-            skipped.add("missing_image", source)
-        elif not image_captions:  # counted per image: a blank row beside good ones is just dropped
-            skipped.add("empty_caption", source)
+            captions = list(sample.captions)
+        if isinstance(sample.image, bytes):
+            data = sample.image
         else:
-            items.append(Item(image_path, image_captions, source))
-    return items, skipped
+            with open(sample.image, "rb") as f:
+                data = f.read()
+        image = decode_image(data, cfg)
+    except Skip as skip:
+        return skip
+    except OSError as err:  # the file vanished or cannot be read
+        return Skip("unreadable_image", f"{type(err).__name__}: {err}")
+    return encode_image(image, cfg.image_format, cfg.image_quality), captions
 
 
-def _text(value: Any) -> str:
-    """A manifest cell as stripped text; Parquet gives None or NaN for a missing value."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value).strip()
+def plan_units(cfg: DataConfig, seed: int) -> list[Unit]:
+    """The source cut into units, in source order."""
+    if cfg.source == "shapes":
+        units, capacities = [], {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+        for split in SPLITS:
+            for start in range(0, capacities[split], cfg.shard_size):
+                block = (split, start, min(start + cfg.shard_size, capacities[split]))
+                units.append(Unit(len(units), block, _digest([split, start, block[2], capacities[split], seed])))
+        return units
+    if cfg.source == "webdataset":
+        assert cfg.path is not None
+        urls = shard_urls(cfg.path)
+        return [Unit(i, url, _digest([url, _size(url)])) for i, url in enumerate(urls)]
+    listed = list(iter_raw(cfg))
+    units = []
+    for start in range(0, len(listed), cfg.shard_size):
+        block = listed[start : start + cfg.shard_size]
+        units.append(Unit(len(units), block, _digest([_describe(item) for item in block])))
+    return units
 
 
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:  # absolute manifest entries outside the manifest's folder keep their full path
-        return path.as_posix()
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def split_items(items: list[Item], cfg: DataConfig, seed: int) -> dict[str, list[Item]]:
-    """Deterministic split: sort by source, permute by ``seed``, cut val, then test, then train (maxima)."""
-    ordered = sorted(items, key=lambda item: item.source)
-    shuffled = [ordered[i] for i in np.random.default_rng(seed).permutation(len(ordered))]
-    val_end = min(cfg.n_val, len(shuffled))
-    test_end = min(val_end + cfg.n_test, len(shuffled))
-    return {
-        "train": shuffled[test_end : test_end + cfg.n_train],
-        "val": shuffled[:val_end],
-        "test": shuffled[val_end:test_end],
-    }
+def _size(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(fs.size(path))
 
 
-def iter_split(items: list[Item], cfg: DataConfig, skipped: Skipped, split: str) -> Iterator[tuple[np.ndarray, dict]]:
-    """Lazily decode ``items`` in order with ``cfg.workers`` threads; failures go to ``skipped``.
-
-    Raises ValueError at the end if the split had items and every one of them failed to decode.
-    """
-    decoded = _decode_in_order([item.image for item in items], cfg.image_size, cfg.workers)
-    kept = 0
-    progress = tqdm(decoded, total=len(items), desc=f"decode {split}", unit="img")
-    with contextlib.closing(decoded), progress:
-        for image, item in zip(progress, items):
-            if image is None:
-                skipped.add("unreadable_image", item.source)
-                continue
-            kept += 1
-            yield image, {"captions": list(item.captions), "source": item.source}
-    if items and not kept:
-        raise ValueError(
-            f"data.path: {cfg.path}: all {len(items)} images of the {split!r} split failed to decode "
-            f"(skipped so far: {skipped.counts()})"
-        )
+def _describe(item: RawSample | ListingSkip) -> list:
+    if isinstance(item, ListingSkip):
+        return [item.reason, item.key]
+    stat = os.stat(item.image) if isinstance(item.image, str) else None
+    captions = item.captions.hex() if isinstance(item.captions, bytes) else list(item.captions)
+    return [item.key, item.group, captions, item.meta, stat and (stat.st_size, stat.st_mtime_ns)]
 
 
-def _decode_in_order(paths: list[Path], image_size: int, workers: int) -> Iterator[np.ndarray | None]:
-    """``load_image`` per path (None on failure), in order, with a bounded number of decodes in flight."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-    pending: deque[Future] = deque()
-    try:
-        for path in paths:
-            pending.append(pool.submit(_try_load, path, image_size))
-            # Unlike pool.map, which submits everything at once, a window keeps a slow consumer from
-            # holding a whole split of decoded images in memory.
-            if len(pending) >= PREFETCH_PER_WORKER * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+def _unit_json(staging: Path, unit_id: int) -> Path:
+    return staging / f"unit-{unit_id:06d}.json"
 
 
-def _try_load(path: Path, image_size: int) -> np.ndarray | None:
-    try:
-        return load_image(path, image_size)
-    except Exception:  # PIL's plugins raise OSError, SyntaxError, ValueError, EOFError, ... on bad input
+def staged(staging: Path, unit: Unit) -> dict | None:
+    """The staged result of ``unit`` if it is complete, current and its shards match their checksums."""
+    path = _unit_json(staging, unit.id)
+    if not path.is_file():
         return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if result.get("digest") != unit.digest or result.get("format") != UNIT_FORMAT:
+        return None
+    for part in result["splits"].values():
+        shard = staging / part["file"]
+        if not shard.is_file() or shard.stat().st_size != part["bytes"] or file_sha256(shard) != part["sha256"]:
+            return None
+    return result
 
 
-def iter_real(cfg: DataConfig, seed: int, skipped: Skipped) -> dict[str, Iterator[tuple[np.ndarray, dict]]]:
-    """``{"train", "val", "test"}`` → lazy ``(image uint8 (S, S, 3), {"captions", "source"})`` iterators.
+def run_unit(unit: Unit, cfg: DataConfig, seed: int, staging: Path) -> dict:
+    """Build one unit's shards in ``staging`` and its JSON (written last, atomically); returns the JSON."""
+    writers: dict[str, TarWriter] = {}
+    parts: dict[str, dict] = {}
+    skipped: dict[str, list[str]] = {}
+    suffix = SUFFIXES[cfg.image_format]
+    for split, image_bytes, record in _unit_samples(unit, cfg, seed, skipped):
+        if split not in writers:
+            writers[split] = TarWriter(staging / f"unit-{unit.id:06d}.{split}.tar")
+            parts[split] = {"file": f"unit-{unit.id:06d}.{split}.tar", "records": []}
+        key = f"{unit.id:06d}-{len(parts[split]['records']):06d}"
+        writers[split].add(f"{key}.{suffix}", image_bytes)
+        parts[split]["records"].append({"key": key, **record})
+    for split, writer in writers.items():
+        parts[split].update(writer.close(), members=writer.members)
+    result = {"format": UNIT_FORMAT, "unit": unit.id, "digest": unit.digest, "splits": parts, "skipped": skipped}
+    path = _unit_json(staging, unit.id)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
 
-    Listing skips are added to ``skipped`` now, decoding skips as the iterators run. Raises ValueError when
-    nothing usable is listed, or when ``n_val`` and ``n_test`` leave a split empty.
+
+def _unit_samples(unit: Unit, cfg: DataConfig, seed: int, skipped: dict) -> Iterator[tuple[str, bytes, dict]]:
+    """(split, stored image bytes, record) of every good sample of ``unit``; skips go to ``skipped``."""
+    if isinstance(unit.payload, tuple):  # shapes: a block of one split's renders
+        split, start, stop = unit.payload
+        capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
+        for index, (image, record) in enumerate(iter_shapes(cfg, seed, split, capacity)):
+            if index >= stop:
+                break
+            if index >= start:
+                yield split, encode_image(image, cfg.image_format, cfg.image_quality), record
+        return
+    listed: Iterable[RawSample | ListingSkip]
+    listed = iter_webdataset(cfg, [unit.payload]) if isinstance(unit.payload, str) else unit.payload
+    for sample in listed:
+        result = sample if isinstance(sample, ListingSkip) else process(sample, cfg)
+        if isinstance(result, (ListingSkip, Skip)):
+            skipped.setdefault(result.reason, []).append(sample.key)
+            continue
+        image_bytes, captions = result
+        record = {"captions": captions, "source": sample.key}
+        if sample.meta:
+            record["meta"] = json.dumps(sample.meta, sort_keys=True, default=str)
+        yield split_of(sample.group, cfg), image_bytes, record
+
+
+def _die_with_parent() -> None:
+    """Worker initializer: on Linux, get SIGKILLed when the parent dies, so a killed run leaves no orphans."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def build_units(
+    cfg: DataConfig, seed: int, units: list[Unit], staging: Path, capacity: dict[str, int] | None = None
+) -> list[dict]:
+    """The staged results of ``units`` in order, building those missing with ``cfg.workers`` processes.
+
+    With ``capacity``, stops building once the units finished in order fill every split.
     """
-    items, listing_skipped = list_items(cfg)
-    skipped.update(listing_skipped)
-    if not items:
-        raise ValueError(f"data.path: {cfg.path}: no usable image–caption pairs (skipped {skipped.counts()})")
-    splits = split_items(items, cfg, seed)
-    for split in SPLITS:
-        if not splits[split]:
-            raise ValueError(
-                f"data.path: {cfg.path}: only {len(items)} usable items, which leaves the {split!r} split "
-                f"empty after data.n_val={cfg.n_val} and data.n_test={cfg.n_test}"
-            )
-    return {split: iter_split(splits[split], cfg, skipped, split) for split in SPLITS}
+    results: dict[int, dict] = {}
+    todo = []
+    for unit in tqdm(units, desc="verify staged units", unit="unit", leave=False):
+        result = staged(staging, unit)
+        if result is None:
+            todo.append(unit)
+        else:
+            results[unit.id] = result
+    order = [unit.id for unit in units]
+    progress = tqdm(total=len(units), initial=len(results), desc="prepare", unit="unit")
+
+    def filled() -> bool:
+        if capacity is None:
+            return False
+        counts = dict.fromkeys(SPLITS, 0)
+        for unit_id in order:
+            if unit_id not in results:
+                return False
+            for split, part in results[unit_id]["splits"].items():
+                counts[split] += len(part["records"])
+            if all(counts[split] >= capacity[split] for split in SPLITS):
+                return True
+        return False
+
+    with progress:
+        if cfg.workers == 1 or len(todo) <= 1:
+            for unit in todo:
+                if filled():
+                    break
+                results[unit.id] = run_unit(unit, cfg, seed, staging)
+                progress.update()
+        else:
+            context = multiprocessing.get_context("spawn")  # a forked child would inherit locked threads
+            pool = ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_die_with_parent)
+            pending: deque[tuple[Unit, Future]] = deque()
+            try:
+                queue = iter(todo)
+                while True:
+                    while len(pending) < UNITS_PER_WORKER * cfg.workers and not filled():
+                        unit = next(queue, None)
+                        if unit is None:
+                            break
+                        pending.append((unit, pool.submit(run_unit, unit, cfg, seed, staging)))
+                    if not pending:
+                        break
+                    unit, future = pending.popleft()
+                    results[unit.id] = future.result()
+                    progress.update()
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    return [results[unit_id] for unit_id in order if unit_id in results]
+
+
+def publish(
+    results: list[dict], staging: Path, out: Path, cfg: DataConfig, skipped: Skipped
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Move the units' shards into ``out/<split>`` in unit order, keeping the first ``n_*`` samples of each split.
+
+    Returns the images per split and, per split, the good samples dropped by its cap.
+    """
+    capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    writers = {split: SplitWriter(out / split, cfg.image_size, cfg.image_format, cfg.shard_size) for split in SPLITS}
+    over_cap = dict.fromkeys(SPLITS, 0)
+    for result in results:
+        for reason, keys in result["skipped"].items():
+            for key in keys:
+                skipped.add(reason, key)
+        for split in SPLITS:
+            part = result["splits"].get(split)
+            if part is None:
+                continue
+            room = capacity[split] - len(writers[split])
+            records, members = part["records"], [tuple(m) for m in part["members"]]
+            over_cap[split] += max(len(records) - room, 0)
+            if room <= 0:
+                continue
+            shard = staging / part["file"]
+            if len(records) > room:  # the cap falls inside this shard: rewrite its first `room` samples
+                shard, digest, members = _truncated(shard, members[:room], records[:room], cfg)
+                records = records[:room]
+            else:
+                digest = {"bytes": part["bytes"], "sha256": part["sha256"]}
+            writers[split].add_shard(shard, records, members, digest)
+    return {split: writer.close() for split, writer in writers.items()}, over_cap
+
+
+def _truncated(shard: Path, members: list[tuple[int, int]], records: list[dict], cfg: DataConfig):
+    path = shard.with_name(shard.name.replace(".tar", ".cut.tar"))
+    writer = TarWriter(path)
+    data = np.memmap(shard, dtype=np.uint8, mode="r")
+    for (offset, size), record in zip(members, records):
+        writer.add(f"{record['key']}.{SUFFIXES[cfg.image_format]}", data[offset : offset + size].tobytes())
+    digest = writer.close()
+    return path, digest, writer.members
