@@ -220,41 +220,46 @@ def _die_with_parent() -> None:
 
 def build_units(
     cfg: DataConfig, seed: int, units: list[Unit], staging: Path, capacity: dict[str, int] | None = None
-) -> list[dict]:
-    """The staged results of ``units`` in order, building those missing with ``cfg.workers`` processes.
+) -> list[int]:
+    """Ids of ``units`` staged in ``staging``, in order, building those missing with ``cfg.workers`` processes.
 
-    With ``capacity``, stops building once the units finished in order fill every split.
+    With ``capacity``, stops building once the units finished in order fill every split. Only per-unit counts
+    are kept in memory; the records stay in the units' JSON files.
     """
-    results: dict[int, dict] = {}
+    counts: dict[int, dict[str, int]] = {}  # unit id -> good samples per split
+
+    def count(result: dict) -> dict[str, int]:
+        return {split: len(part["records"]) for split, part in result["splits"].items()}
+
     todo = []
     for unit in tqdm(units, desc="verify staged units", unit="unit", leave=False):
         result = staged(staging, unit)
         if result is None:
             todo.append(unit)
         else:
-            results[unit.id] = result
+            counts[unit.id] = count(result)
     order = [unit.id for unit in units]
-    progress = tqdm(total=len(units), initial=len(results), desc="prepare", unit="unit")
 
     def filled() -> bool:
         if capacity is None:
             return False
-        counts = dict.fromkeys(SPLITS, 0)
+        totals = dict.fromkeys(SPLITS, 0)
         for unit_id in order:
-            if unit_id not in results:
+            if unit_id not in counts:
                 return False
-            for split, part in results[unit_id]["splits"].items():
-                counts[split] += len(part["records"])
-            if all(counts[split] >= capacity[split] for split in SPLITS):
+            for split, n in counts[unit_id].items():
+                totals[split] += n
+            if all(totals[split] >= capacity[split] for split in SPLITS):
                 return True
         return False
 
+    progress = tqdm(total=len(units), initial=len(counts), desc="prepare", unit="unit")
     with progress:
         if cfg.workers == 1 or len(todo) <= 1:
             for unit in todo:
                 if filled():
                     break
-                results[unit.id] = run_unit(unit, cfg, seed, staging)
+                counts[unit.id] = count(run_unit(unit, cfg, seed, staging))
                 progress.update()
         else:
             context = multiprocessing.get_context("spawn")  # a forked child would inherit locked threads
@@ -271,15 +276,19 @@ def build_units(
                     if not pending:
                         break
                     unit, future = pending.popleft()
-                    results[unit.id] = future.result()
+                    counts[unit.id] = count(future.result())
                     progress.update()
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
-    return [results[unit_id] for unit_id in order if unit_id in results]
+    return [unit_id for unit_id in order if unit_id in counts]
+
+
+def unit_result(staging: Path, unit_id: int) -> dict:
+    return json.loads(_unit_json(staging, unit_id).read_text())
 
 
 def publish(
-    results: list[dict], staging: Path, out: Path, cfg: DataConfig, skipped: Skipped
+    unit_ids: list[int], staging: Path, out: Path, cfg: DataConfig, skipped: Skipped
 ) -> tuple[dict[str, int], dict[str, int]]:
     """Move the units' shards into ``out/<split>`` in unit order, keeping the first ``n_*`` samples of each split.
 
@@ -288,7 +297,8 @@ def publish(
     capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     writers = {split: SplitWriter(out / split, cfg.image_size, cfg.image_format, cfg.shard_size) for split in SPLITS}
     over_cap = dict.fromkeys(SPLITS, 0)
-    for result in results:
+    for unit_id in unit_ids:
+        result = unit_result(staging, unit_id)
         for reason, keys in result["skipped"].items():
             for key in keys:
                 skipped.add(reason, key)

@@ -14,10 +14,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from dalle.config import Params
 from dalle.data.ingest import Skipped, build_units, plan_units, publish
-from dalle.data.store import FORMAT, SPLITS, STATS_FILE, read_split
+from dalle.data.store import FORMAT, INDEX_FILE, RECORDS_FILE, SPLITS, STATS_FILE, caption_lists, read_split
 from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
 
@@ -42,23 +43,22 @@ def prepare_dataset(params: Params, out_dir: str | Path, units: slice | None = N
         build_units(cfg, params.seed, plan[units], staging)
         return None
     capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    results = build_units(cfg, params.seed, plan, staging, capacity)
+    unit_ids = build_units(cfg, params.seed, plan, staging, capacity)
     skipped = Skipped()
     tmp = staging / "publish"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _check_not_empty(results, cfg)
-        counts, over_cap = publish(results, staging, tmp, cfg, skipped)
-        splits = {split: read_split(tmp / split) for split in SPLITS}
-        train_captions = [c for caps in splits["train"].records["captions"] for c in caps]
+        counts, over_cap = publish(unit_ids, staging, tmp, cfg, skipped)
+        _check_not_empty(counts, skipped, cfg)
+        train_captions = (c for batch in caption_lists(tmp / "train") for caps in batch for c in caps)
         tokenizer = TextTokenizer.train(train_captions, params.tokenizer.vocab_size)
         tokenizer.save(tmp / TOKENIZER_FILE)
 
-        stats = _stats(params, splits, tokenizer, counts, skipped if cfg.source != "shapes" else None)
+        stats = _stats(params, tmp, tokenizer, counts, skipped if cfg.source != "shapes" else None)
         if cfg.source != "shapes":
             stats["over_cap"] = over_cap
         stats["units"] = len(plan)
-        _write_sheet(splits["train"], tmp / SHEET_FILE)
+        _write_sheet(read_split(tmp / "train", cache_bytes=0), tmp / SHEET_FILE)  # 32 images, not the split
         (tmp / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
         _publish(tmp, out_dir, [*SPLITS, TOKENIZER_FILE, SHEET_FILE, STATS_FILE])
     except ValueError:  # bad input: nothing worth resuming
@@ -87,49 +87,52 @@ def _open_staging(staging: Path, params: Params) -> None:
         leftover.unlink()
 
 
-def _check_not_empty(results: list[dict], cfg) -> None:
-    counts = {split: sum(len(r["splits"].get(split, {}).get("records", ())) for r in results) for split in SPLITS}
+def _check_not_empty(counts: dict[str, int], skipped: Skipped, cfg) -> None:
     empty = [split for split, count in counts.items() if count == 0]
     if empty:
-        skipped: dict[str, int] = {}
-        for result in results:
-            for reason, keys in result["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + len(keys)
         raise ValueError(
             f"data.path={cfg.path}: no usable images left for split(s) {', '.join(empty)} "
             f"(data.val_fraction={cfg.val_fraction}, data.test_fraction={cfg.test_fraction}); "
-            f"skipped by reason: {skipped}"
+            f"skipped by reason: { {reason: n for reason, n in skipped.counts().items() if n} }"
         )
 
 
-def _stats(params: Params, splits, tokenizer: TextTokenizer, counts: dict, skipped) -> dict:
-    captions = [c for split in SPLITS for caps in splits[split].records["captions"] for c in caps]
-    encoded = tokenizer.encode(captions, params.tokenizer.text_len)
-    lengths = encoded.full_lengths
+def _stats(params: Params, root: Path, tokenizer: TextTokenizer, counts: dict, skipped) -> dict:
+    """Counts and caption-length statistics, streaming the captions a batch at a time."""
+    text_len = params.tokenizer.text_len
+    lengths, n_captions = [], {}
+    for split in SPLITS:
+        n_captions[split] = 0
+        for batch in caption_lists(root / split):
+            captions = [c for caps in batch for c in caps]
+            n_captions[split] += len(captions)
+            lengths.append(tokenizer.encode(captions, text_len).full_lengths)
+    full = np.concatenate(lengths)
+    truncated = full > text_len
+    index = {split: json.loads((root / split / INDEX_FILE).read_text()) for split in SPLITS}
     stats = {
         "n_images": counts,
-        "n_captions": {split: int(splits[split].records["captions"].map(len).sum()) for split in SPLITS},
+        "n_captions": n_captions,
         "caption_tokens": {
-            "mean": round(float(lengths.mean()), 3),
-            "p50": float(np.percentile(lengths, 50)),
-            "p90": float(np.percentile(lengths, 90)),
-            "p99": float(np.percentile(lengths, 99)),
-            "max": int(lengths.max()),
+            "mean": round(float(full.mean()), 3),
+            "p50": float(np.percentile(full, 50)),
+            "p90": float(np.percentile(full, 90)),
+            "p99": float(np.percentile(full, 99)),
+            "max": int(full.max()),
         },
-        "text_len": params.tokenizer.text_len,
-        "n_truncated": int(encoded.truncated.sum()),
-        "truncation_rate": round(float(encoded.truncated.mean()), 6),
+        "text_len": text_len,
+        "n_truncated": int(truncated.sum()),
+        "truncation_rate": round(float(truncated.mean()), 6),
         "vocab_size": tokenizer.vocab_size,
         "skipped": skipped.counts() if skipped is not None else {},
-        "bytes_per_image": {split: round(_bytes(splits[split]) / max(len(splits[split]), 1), 1) for split in SPLITS},
+        "bytes_per_image": {
+            split: round(sum(s["bytes"] for s in index[split]["shards"]) / max(counts[split], 1), 1) for split in SPLITS
+        },
     }
-    if "held_out" in splits["test"].records:
-        stats["n_test_held_out"] = int(splits["test"].records["held_out"].sum())
+    if params.data.source == "shapes":
+        held_out = pd.read_parquet(root / "test" / RECORDS_FILE, columns=["held_out"])["held_out"]
+        stats["n_test_held_out"] = int(held_out.sum())
     return stats
-
-
-def _bytes(split) -> int:
-    return sum(shard["bytes"] for shard in split.images.index_shards)
 
 
 def _write_sheet(split, path: Path) -> None:

@@ -29,12 +29,14 @@ import json
 import mmap
 import os
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
@@ -97,14 +99,15 @@ class SplitWriter:
     def __init__(self, directory: Path, image_size: int, image_format: str = "png", shard_size: int = 4096):
         self.directory = directory
         self.image_size, self.image_format, self.shard_size = image_size, image_format, shard_size
-        self.records: list[dict] = []
         self.members: list[tuple[int, int, int]] = []
         self.shards: list[dict] = []
+        self._tables: list[pa.Table] = []  # records of finished shards, columnar: far smaller than dicts
+        self._pending: list[dict] = []  # records of the open shard
         self._tar: TarWriter | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.members)
 
     def add(self, key: str, image_bytes: bytes, record: dict) -> None:
         if self._tar is None:
@@ -113,7 +116,7 @@ class SplitWriter:
         self._tar.add(f"{key}.{SUFFIXES[self.image_format]}", image_bytes)
         offset, size = self._tar.members[-1]
         self.members.append((len(self.shards) - 1, offset, size))
-        self.records.append({"key": key, **record})
+        self._pending.append({"key": key, **record})
         if len(self._tar.members) == self.shard_size:
             self._close_shard()
 
@@ -124,28 +127,32 @@ class SplitWriter:
         os.replace(path, self.directory / name)
         self.shards.append({"name": name, "samples": len(records), **digest})
         self.members.extend((len(self.shards) - 1, offset, size) for offset, size in members)
-        self.records.extend(records)
+        self._tables.append(pa.Table.from_pylist(records))
 
     def _close_shard(self) -> None:
         assert self._tar is not None
         self.shards[-1].update(samples=len(self._tar.members), **self._tar.close())
         self._tar = None
+        self._tables.append(pa.Table.from_pylist(self._pending))
+        self._pending = []
 
     def close(self) -> int:
         """Finish the last shard and write the records, members and index; returns the sample count."""
         if self._tar is not None:
             self._close_shard()
-        pd.DataFrame.from_records(self.records).to_parquet(self.directory / RECORDS_FILE, index=False)
+        # A column that is null in one shard and text in another (e.g. a second object) is unified by promotion.
+        records = pa.concat_tables(self._tables, promote_options="default") if self._tables else pa.table({})
+        pq.write_table(records, self.directory / RECORDS_FILE)
         np.save(self.directory / MEMBERS_FILE, np.asarray(self.members, dtype=np.int64).reshape(-1, 3))
         index = {
             "format": FORMAT,
             "image_size": self.image_size,
             "image_format": self.image_format,
-            "samples": len(self.records),
+            "samples": len(self.members),
             "shards": self.shards,
         }
         (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
-        return len(self.records)
+        return len(self.members)
 
 
 def write_split(
@@ -165,6 +172,12 @@ def write_split(
             break
         writer.add(f"{len(writer):09d}", encode_image(image, image_format, quality), record)
     return writer.close()
+
+
+def caption_lists(directory: Path, batch_size: int = 8192) -> Iterator[list[list[str]]]:
+    """The ``captions`` column of a split's records, a batch of images at a time (the rest is never loaded)."""
+    for batch in pq.ParquetFile(directory / RECORDS_FILE).iter_batches(batch_size, columns=["captions"]):
+        yield batch.column(0).to_pylist()
 
 
 def file_sha256(path: Path) -> str:
