@@ -24,15 +24,18 @@ by_n = pd.read_csv(ROOT / "reports/eval/fid_vs_n.csv")
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
 blur.plot(x="radius_256px", y=["fid_generated", "fid_reconstruction"], marker="o", ax=axes[0], title="FID vs blur")
 by_n.plot(x="n", y=fid_key, marker="o", logx=True, ax=axes[1], title="FID vs reranked N")
-by_n.plot(x="n", y=["accuracy_seen", "accuracy_held_out"], marker="o", logx=True, ax=axes[2], title="accuracy vs N")
+labelled = "accuracy_seen" in by_n  # shapes; other datasets have the CLIP-score analogue instead
+quality = ["accuracy_seen", "accuracy_held_out"] if labelled else ["clip_score"]
+by_n.plot(x="n", y=quality, marker="o", logx=True, ax=axes[2], title=f"{quality[0].split('_')[0]} vs N")
 plt.tight_layout()
 plt.show()
 
 # %%
 accuracy = pd.read_csv(ROOT / "reports/eval/accuracy_by_attribute.csv")
-accuracy.pivot(index="attribute", columns="group", values="accuracy").plot.bar(ylim=(0, 1.05), rot=0)
-plt.ylabel("caption accuracy")
-plt.show()
+if len(accuracy):  # header-only on datasets without attribute labels
+    accuracy.pivot(index="attribute", columns="group", values="accuracy").plot.bar(ylim=(0, 1.05), rot=0)
+    plt.ylabel("caption accuracy")
+    plt.show()
 
 # %%
 summary = pd.read_csv(ROOT / "reports/ablation/summary.csv").set_index("schedule")

@@ -1,8 +1,9 @@
 """DVC stage ``ablate@<schedule>`` (a ``foreach`` over ``ablation.schedules``): the attention-mask ablation.
 
 Trains the prior with one attention schedule under ``ablation.steps`` (the rest of ``prior`` unchanged, same seed),
-then scores it like ``evaluate`` at N = 1 (no reranking: the prior alone): FID against the real test images and
-caption accuracy (seen / held-out) by the evaluation network, test NLL, training tokens/s and peak memory. Writes
+then scores it like ``evaluate`` at N = 1 (no reranking: the prior alone): FID against the real test images, what
+the evaluation instrument reads (caption accuracy seen / held-out on shapes, the CLIP-score analogue on datasets
+without attribute labels), test NLL, training tokens/s and peak memory. Writes
 ``reports/ablation/<schedule>/metrics.json``; MLflow gets one child run per schedule under one parent run per
 ablation (found by a key of the params it shares), which ``ablation_summary`` completes.
 """
@@ -20,20 +21,23 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
+from dalle.clip_metrics import CaptionScorer
 from dalle.config import Params
 from dalle.data.store import load_split
 from dalle.data.tokens import load_tokens
+from dalle.evalnet import EvalNet
 from dalle.fid import frechet_distance
 from dalle.generate import draw_one_each, load_models
 from dalle.masks import layer_kinds
 from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
 from dalle.training import default_device
-from pipelines.evaluate import accuracy_by_group, feature_space, load_evalnet_or_none
+from pipelines.evaluate import accuracy_by_group, feature_space
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
 from pipelines.tracking import MlflowCurves, tracking_uri, training_run
 from pipelines.train_dvae import PREPARED
+from pipelines.train_evalnet import load_evaluator
 from pipelines.train_prior import TOKENS, data_fingerprint, peak_memory_mb
 
 MODELS = Path("models")
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = ablation_prior_config(params, args.schedule)
     device = default_device()
     models = load_models(args.models, device)
-    evalnet = load_evalnet_or_none(args.models / "evalnet", device)
+    evaluator = load_evaluator(args.models / "evalnet", device)
+    evalnet = evaluator if isinstance(evaluator, EvalNet) else None
     train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
     geometry = geometry_of(train_tokens, models.tokenizer.vocab_size, models.dvae.cfg.codebook_size)
     fingerprint = data_fingerprint(args.tokens)
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         for group, accuracy in accuracy_by_group(evalnet, images, records).items():
             metrics[f"accuracy_all_{group}"] = accuracy["all"]
+        if isinstance(evaluator, CaptionScorer):
+            metrics["clip_score"] = evaluator.clip_score(images, captions)
         write_json(out / "metrics.json", metrics)
         write_csv(out / "history.csv", result.history)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -19,7 +19,8 @@ from pipelines.params import load_params  # noqa: E402
 from pipelines.reports import write_csv  # noqa: E402
 from pipelines.tracking import check_reachable, tracking_uri  # noqa: E402
 
-COLUMNS = (
+COLUMNS = (  # those a schedule's metrics lack (accuracy without attribute labels, clip_score on shapes) are left out
+    "clip_score",
     "test_image_bits",
     "test_text_nll",
     "accuracy_all_seen",
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             raise FileNotFoundError(f"{path} not found; run the ablate@{schedule} stage first")
         rows.append(json.loads(path.read_text()))
     fid_key = next(k for k in rows[0] if k.startswith("fid_"))
-    columns = [c for c in (fid_key, *COLUMNS) if c in rows[0]]
+    columns = [c for c in (fid_key, *COLUMNS) if all(c in row for row in rows)]
     summary = [{"schedule": row["schedule"], **{c: row.get(c) for c in columns}} for row in rows]
     write_csv(args.out / "summary.csv", summary)
 

@@ -2,19 +2,22 @@
 
 For ``eval.n_captions`` test captions (half seen, half held-out colour-shape pairs on shapes) it draws
 max(``eval.rerank_n``) candidates each and measures, for every N in ``rerank_n``, the best of the first N by the
-reranker: FID against all real test images, caption accuracy by the evaluation network (seen / held-out) and the
-reranker score. At the headline N (``sample.candidates``) it also gives FID vs Gaussian blur of both sets, FID of
-dVAE reconstructions (the floor the prior can reach) and accuracy by attribute, and it scores the prior's text and
-image NLL on the test split. FID is named by its feature network: ``fid_evalnet`` (default), ``fid_inception``
-(``eval.fid_features: inception``) or ``fid_reranker`` (datasets without attribute labels).
+reranker: FID against all real test images, the reranker score, and what the independent instrument of
+``train_evalnet`` reads: caption accuracy (seen / held-out) on shapes, the CLIP-score analogue (``clip_score``,
+``dalle/clip_metrics.py``) on datasets without attribute labels. At the headline N (``sample.candidates``) it also
+gives FID vs Gaussian blur of both sets, FID of dVAE reconstructions (the floor the prior can reach) and accuracy
+by attribute, and over the whole test split the reranker's text → image retrieval (each image's first caption
+among all test images, R@1/5/10 beside chance) and the prior's text and image NLL. FID is named by its feature
+network: ``fid_evalnet`` (default), ``fid_inception`` (``eval.fid_features: inception``) or ``fid_reranker``
+(datasets without attribute labels). Measures a dataset cannot give are absent, never 0.
 Outputs: ``reports/eval/metrics.json`` (DVC metrics), ``fid_vs_n.csv``, ``fid_vs_blur.csv``,
-``accuracy_by_attribute.csv`` (DVC plots) and PNG figures; all in one MLflow run.
+``accuracy_by_attribute.csv`` (DVC plots; header-only without labels) with PNG figures, and ``sheets/sheet_n<N>.png``
+(the first ``eval.sheet_captions`` captions under their pick among N); all in one MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,32 +29,29 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from dalle.data.store import load_split  # noqa: E402
+from dalle.clip_metrics import RECALL_K, CaptionScorer, chance_recall, clip_score, text_to_image_recall  # noqa: E402
+from dalle.data.store import Split, load_split  # noqa: E402
 from dalle.data.tokens import load_tokens  # noqa: E402
 from dalle.dvae_train import reconstruct  # noqa: E402
-from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features, load_evalnet  # noqa: E402
+from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features  # noqa: E402
 from dalle.fid import InceptionFeatures, blur, frechet_distance  # noqa: E402
 from dalle.generate import Candidates, Models, generate, load_models  # noqa: E402
 from dalle.pixels import to_float_images  # noqa: E402
 from dalle.prior_train import evaluate_prior  # noqa: E402
 from dalle.training import default_device  # noqa: E402
+from dalle.viz import contact_sheet  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 from pipelines.reports import write_csv, write_json  # noqa: E402
-from pipelines.sample import caption_set  # noqa: E402
+from pipelines.sample import caption_rows  # noqa: E402
 from pipelines.tracking import stage_run  # noqa: E402
 from pipelines.train_dvae import PREPARED  # noqa: E402
+from pipelines.train_evalnet import load_evaluator  # noqa: E402
 from pipelines.train_prior import TOKENS  # noqa: E402
 
 MODELS = Path("models")
 REPORT_DIR = Path("reports/eval")
 Features = Callable[[np.ndarray], np.ndarray]
-
-
-def load_evalnet_or_none(directory: Path, device: torch.device) -> EvalNet | None:
-    config = directory / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{config} not found; run the train_evalnet stage first")
-    return None if json.loads(config.read_text()).get("fallback") else load_evalnet(directory, device)
+ATTRIBUTE_COLUMNS = ["attribute", "group", "accuracy"]
 
 
 def feature_space(
@@ -94,7 +94,31 @@ def accuracy_by_group(evalnet: EvalNet | None, images: np.ndarray, records) -> d
     return groups
 
 
-def figures(out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_attribute: list[dict]) -> list[Path]:
+def retrieval(reranker: CaptionScorer, split: Split) -> dict[str, float]:
+    """Text → image recall@k of the reranker over ``split``: each image's first caption among all its images."""
+    captions = [str(caps[0]) for caps in split.records["captions"]]
+    recall = text_to_image_recall(reranker.embed_captions(captions), reranker.embed_images(split.images), RECALL_K)
+    return {
+        **{f"retrieval_text_to_image_r{k}": value for k, value in recall.items()},
+        **{f"retrieval_chance_r{k}": chance_recall(len(split), k) for k in RECALL_K},
+        "retrieval_images": len(split),
+    }
+
+
+def write_sheets(out: Path, captions: list[str], chosen_at: dict[int, tuple[np.ndarray, np.ndarray]], n: int):
+    """``sheet_n<N>.png`` per N: the first ``n`` captions under the reranker's pick among N candidates."""
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(n, len(captions))
+    paths = []
+    for candidates, (images, _) in chosen_at.items():
+        paths.append(out / f"sheet_n{candidates}.png")
+        contact_sheet(images[:n], captions[:n], columns=min(8, n)).save(paths[-1])
+    return paths
+
+
+def figures(
+    out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_attribute: list[dict], source: str
+) -> list[Path]:
     paths = []
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([r["radius_256px"] for r in by_blur], [r["fid_generated"] for r in by_blur], "o-", label="generated")
@@ -108,24 +132,36 @@ def figures(out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_a
     ns = [r["n"] for r in by_n]
     ax[0].plot(ns, [r[fid_key] for r in by_n], "o-")
     ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N")
-    for key in ("accuracy_seen", "accuracy_held_out"):
-        if key in by_n[0]:
-            ax[1].plot(ns, [r[key] for r in by_n], "o-", label=key.removeprefix("accuracy_"))
-    ax[1].set(xscale="log", xlabel="candidates reranked (N)", ylabel="caption accuracy (all 4)", ylim=(0, 1.02))
-    ax[1].legend()
+    accuracies = [key for key in ("accuracy_seen", "accuracy_held_out") if by_n[0][key] is not None]
+    for key in accuracies:
+        ax[1].plot(ns, [r[key] for r in by_n], "o-", label=key.removeprefix("accuracy_"))
+    if accuracies:
+        ax[1].set(ylabel="caption accuracy (all 4)", ylim=(0, 1.02))
+        ax[1].legend()
+    elif by_n[0]["clip_score"] is not None:
+        ax[1].plot(ns, [r["clip_score"] for r in by_n], "o-")
+        ax[1].set(ylabel="CLIP-score (evaluation scorer)")
+    else:
+        ax[1].plot(ns, [r["reranker_score"] for r in by_n], "o-")
+        ax[1].set(ylabel="reranker score")
+    ax[1].set(xscale="log", xlabel="candidates reranked (N)")
     paths.append(out / "fid_vs_n.png")
     fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
 
+    fig, ax = plt.subplots(figsize=(6, 3.5))
     if by_attribute:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
         attributes = [*HEADS, "all"]
         for offset, group in ((-0.2, "seen"), (0.2, "held_out")):
             values = {r["attribute"]: r["accuracy"] for r in by_attribute if r["group"] == group}
             ax.bar(np.arange(len(attributes)) + offset, [values.get(a, 0) for a in attributes], 0.4, label=group)
         ax.set(xticks=range(len(attributes)), xticklabels=attributes, ylim=(0, 1.02), ylabel="accuracy")
         ax.legend()
-        paths.append(out / "accuracy_by_attribute.png")
-        fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
+    else:  # the file is a declared DVC output: say why it is empty
+        message = f"no attribute labels in this dataset (data.source: {source}):\ncaption accuracy needs shapes"
+        ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    paths.append(out / "accuracy_by_attribute.png")
+    fig.tight_layout(), fig.savefig(paths[-1], dpi=120), plt.close(fig)
     return paths
 
 
@@ -142,9 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     cfg, sampling = params.eval, params.sample
     device = default_device()
     models = load_models(args.models, device)
-    evalnet = load_evalnet_or_none(args.models / "evalnet", device)
-    captions, records = caption_set(args.prepared, cfg.n_captions)
+    evaluator = load_evaluator(args.models / "evalnet", device)
+    evalnet = evaluator if isinstance(evaluator, EvalNet) else None  # shapes: reads attributes
+    scorer = evaluator if isinstance(evaluator, CaptionScorer) else None  # other data: CLIP-score
     test = load_split(args.prepared, "test")
+    rows = caption_rows(test.records, cfg.n_captions)
+    records = test.records.iloc[rows].reset_index(drop=True)
+    captions = [str(caps[0]) for caps in records["captions"]]
     headline = sampling.candidates if sampling.candidates in cfg.rerank_n else cfg.rerank_n[-1]
     with stage_run("evaluate", params):
         name, features = feature_space(cfg.fid_features, cfg.inception_weights, models, evalnet)
@@ -164,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         real = np.asarray(test.images)
         real_features = features(real)
+        caption_embeddings = None if scorer is None else scorer.embed_captions(captions)
         by_n, chosen_at = [], {}  # chosen_at[n]: (images, their features)
         for n in cfg.rerank_n:
             picks = [best_of_first(result, n) for result in results]
@@ -171,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
             chosen_at[n] = images, features(images)
             row = {"n": n, fid_key: frechet_distance(real_features, chosen_at[n][1])}
             row["reranker_score"] = float(np.mean([score for _, score in picks]))
-            for group, accuracy in accuracy_by_group(evalnet, images, records).items():
-                row[f"accuracy_{group}"] = accuracy["all"]
+            accuracy = accuracy_by_group(evalnet, images, records)
+            for group in ("seen", "held_out"):  # every row has every column: a blank is a measure not taken
+                row[f"accuracy_{group}"] = accuracy[group]["all"] if group in accuracy else None
+            row["clip_score"] = None if scorer is None else clip_score(scorer.embed_images(images), caption_embeddings)
             by_n.append(row)
 
         generated, generated_features = chosen_at[headline]
@@ -203,16 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         ]
         test_tokens = load_tokens(args.tokens, "test")
         nll = evaluate_prior(models.prior, test_tokens, len(test_tokens), device)
+        at_headline = by_n[cfg.rerank_n.index(headline)]
         metrics: dict = {
-            fid_key: by_n[cfg.rerank_n.index(headline)][fid_key],
+            fid_key: at_headline[fid_key],
             f"{fid_key}_reconstruction": frechet_distance(real_features, recon_features),
             "headline_n": headline,
-            "reranker_score": by_n[cfg.rerank_n.index(headline)]["reranker_score"],
+            "reranker_score": at_headline["reranker_score"],
             "test_text_nll": nll["val_text_nll"],
             "test_image_nll": nll["val_image_nll"],
             "test_image_bits": nll["val_image_bits"],
             "captions": len(captions),
+            **retrieval(CaptionScorer(models.clip, models.tokenizer), test),
         }
+        if scorer is not None:  # first candidates (N = 1, the prior alone), reranked picks, and the real images
+            first = np.stack([result.images[0] for result in results])
+            metrics["clip_score"] = at_headline["clip_score"]
+            metrics["clip_score_n1"] = clip_score(scorer.embed_images(first), caption_embeddings)
+            metrics["clip_score_real"] = clip_score(scorer.embed_images(test.images[rows]), caption_embeddings)
         for group, accuracy in groups.items():
             metrics.update({f"accuracy_{attribute}_{group}": value for attribute, value in accuracy.items()})
         for group, accuracy in accuracy_by_group(evalnet, real, test.records).items():
@@ -222,17 +272,22 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.reports / "metrics.json", metrics)
         write_csv(args.reports / "fid_vs_n.csv", by_n)
         write_csv(args.reports / "fid_vs_blur.csv", by_blur)
-        if by_attribute:
-            write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute)
-        pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute)
+        write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute, ATTRIBUTE_COLUMNS)
+        pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute, params.data.source)
+        sheets = write_sheets(args.reports / "sheets", captions, chosen_at, cfg.sheet_captions)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         for row in by_n:
-            mlflow.log_metrics({f"{k}_vs_n": float(v) for k, v in row.items() if k != "n"}, step=row["n"])
+            measured = {f"{k}_vs_n": float(v) for k, v in row.items() if k != "n" and v is not None}
+            mlflow.log_metrics(measured, step=row["n"])
         for path in [*args.reports.glob("*.csv"), args.reports / "metrics.json", *pictures]:
             mlflow.log_artifact(str(path))
+        for path in sheets:
+            mlflow.log_artifact(str(path), artifact_path="sheets")
+    scores = [f"{k} {v:.0%}" for k, v in metrics.items() if k.startswith(("accuracy_all", "retrieval_text_to_image"))]
+    scores += [f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith("clip_score")]
     print(
         f"evaluate: {fid_key} {metrics[fid_key]:.2f} (reconstructions {metrics[f'{fid_key}_reconstruction']:.2f}) "
-        f"at N={headline}; " + ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if k.startswith("accuracy_all"))
+        f"at N={headline}; " + ", ".join(scores)
     )
 
 

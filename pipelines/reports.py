@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> None:
+    """Rows as CSV, columns those of the first row; with ``columns`` given, no rows leaves a header-only file (a
+    declared DVC output that this dataset has nothing for)."""
+    if not rows and columns is None:
         raise ValueError(f"{path}: no rows to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=columns or list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 

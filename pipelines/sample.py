@@ -2,7 +2,9 @@
 combinations, half held-out ones on shapes) → ``reports/samples/`` (the ``python -m dalle generate`` format:
 PNGs, manifest.csv, sheet.png) and ``reports/sample/metrics.json``: caption accuracy by the pixel-rule judge of
 the best of N candidates and of the first candidate alone (N = 1, no reranking), and sampling speed with and
-without the key/value cache. One MLflow run with the contact sheet.
+without the key/value cache. On datasets without attribute labels the judge has nothing to check, and the same
+two picks get the CLIP-score analogue of the independent scorer of ``train_evalnet`` instead (``clip_score_n1``,
+``clip_score_n<N>``). One MLflow run with the contact sheet.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dalle.clip_metrics import CaptionScorer, clip_score
 from dalle.data.judge import attribute_accuracy
 from dalle.data.store import load_split
 from dalle.generate import Candidates, generate, load_models, write_outputs
@@ -25,23 +28,41 @@ from pipelines.params import load_params
 from pipelines.reports import write_json
 from pipelines.tracking import stage_run
 from pipelines.train_dvae import PREPARED
+from pipelines.train_evalnet import load_evaluator
 
 MODELS = Path("models")
 OUT = Path("reports/samples")
 REPORT_DIR = Path("reports/sample")
 
 
-def caption_set(prepared: Path, n: int) -> tuple[list[str], pd.DataFrame]:
-    """First captions of ``n`` test images: on shapes, single-object images, half with seen (colour, shape)
-    pairs and half with held-out ones; otherwise the first ``n``. Returns the captions and their records."""
-    records = load_split(prepared, "test").records
+def caption_rows(records: pd.DataFrame, n: int) -> np.ndarray:
+    """Row numbers of the ``n`` test images whose first captions are generated: on shapes, single-object images,
+    half with seen (colour, shape) pairs and half with held-out ones; otherwise the first ``n``."""
+    records = records.reset_index(drop=True)
     if {"n_objects", "held_out"} <= set(records.columns):
         single = records[records["n_objects"] == 1]
         held_out = single[single["held_out"]].head(n // 2)
         records = pd.concat([single[~single["held_out"]].head(n - len(held_out)), held_out])
     else:
         records = records.head(n)
-    return [str(captions[0]) for captions in records["captions"]], records.reset_index(drop=True)
+    return records.index.to_numpy()
+
+
+def caption_set(prepared: Path, n: int) -> tuple[list[str], pd.DataFrame]:
+    """First captions of the ``caption_rows`` test images, and their records."""
+    records = load_split(prepared, "test").records
+    records = records.iloc[caption_rows(records, n)].reset_index(drop=True)
+    return [str(captions[0]) for captions in records["captions"]], records
+
+
+def clip_scores(scorer: CaptionScorer, results: list[Candidates], candidates: int) -> dict[str, float]:
+    """CLIP-score analogue (``dalle.clip_metrics``) of candidate 0 (``n1``) and of the reranked best."""
+    text = scorer.embed_captions([r.caption for r in results])
+    picks = {"n1": [r.images[0] for r in results], f"n{candidates}": [r.best(1)[0][0] for r in results]}
+    return {
+        f"clip_score_{label}": clip_score(scorer.embed_images(np.stack(images)), text)
+        for label, images in picks.items()
+    }
 
 
 def accuracy(results: list[Candidates], records: pd.DataFrame, candidates: int) -> dict[str, float]:
@@ -89,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = params.sample
     models = load_models(args.models, default_device())
+    evaluator = load_evaluator(args.models / "evalnet", models.device)
     captions, records = caption_set(args.prepared, cfg.n_captions)
     with stage_run("sample", params) as run:
         started = time.monotonic()
@@ -109,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         write_outputs(args.out, results, cfg.top)
         metrics = {
             **accuracy(results, records, cfg.candidates),
+            **(clip_scores(evaluator, results, cfg.candidates) if isinstance(evaluator, CaptionScorer) else {}),
             "mean_best_score": float(np.mean([r.scores.max() for r in results])),
             "images_per_s": len(captions) * cfg.candidates / seconds,
             **cache_speedup(models, captions[0]),
@@ -119,7 +142,12 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(args.out / "sheet.png"))
         mlflow.log_artifact(str(args.out / "manifest.csv"))
-    summary = ", ".join(f"{k} {v:.0%}" for k, v in metrics.items() if k.endswith(("all_n1", f"all_n{cfg.candidates}")))
+    headline = ("all_n1", f"all_n{cfg.candidates}")
+    summary = ", ".join(
+        f"{k} {v:.1f}" if k.startswith("clip_score") else f"{k} {v:.0%}"
+        for k, v in metrics.items()
+        if k.endswith(headline) or k.startswith("clip_score")
+    )
     print(f"sample: {summary}; {metrics['images_per_s']:.0f} images/s; MLflow run {run.info.run_id}")
 
 

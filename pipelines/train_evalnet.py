@@ -1,12 +1,17 @@
-"""DVC stage ``train_evalnet``: the evaluation network (``dalle/evalnet.py``), trained to read colour, shape, size and
-position → ``models/evalnet`` (safetensors + config.json) and ``reports/evalnet/metrics.json`` with its accuracy on
-the real test images, seen and held-out pairs apart. Its penultimate layer is the feature space of ``fid_evalnet``.
+"""DVC stage ``train_evalnet``: the evaluation instrument, independent of every model it judges → ``models/evalnet``
+(safetensors + config.json whose ``kind`` says which) and ``reports/evalnet/metrics.json``.
 
-It trains on ``evalnet.n_images`` single-object shapes rendered with *every* colour-shape pair, not on the
-training split: an instrument that never saw a red triangle cannot say whether a sample is one (trained on the
-training split it read held-out test images right 53% of the time, against 100% when the renders cover every
-pair). The held-out pairs stay unseen by every model that is evaluated. Datasets other than shapes get no
-network: the evaluation falls back to the reranker's image embeddings (``fid_reranker``).
+Shapes (``kind: attributes``): the attribute network of ``dalle/evalnet.py``, trained to read colour, shape, size
+and position; its penultimate layer is the feature space of ``fid_evalnet``. It trains on ``evalnet.n_images``
+single-object shapes rendered with *every* colour-shape pair, not on the training split: an instrument that never
+saw a red triangle cannot say whether a sample is one (trained on the training split it read held-out test images
+right 53% of the time, against 100% when the renders cover every pair). The held-out pairs stay unseen by every
+model that is evaluated. Metrics: its accuracy on the real test images, seen and held-out pairs apart.
+
+Any other dataset (``kind: clip``): captions carry no labels, so the instrument is a second contrastive model
+(``dalle/clip.py``), trained like the reranker (the ``clip`` section, on the training split) from another seed
+(``seed`` + ``EVALNET_SEED_OFFSET``: other initial weights and batch order). Evaluation reads the CLIP-score
+analogue of samples with it, never with the reranker that picked them. Metrics: its retrieval on val and test.
 """
 
 from __future__ import annotations
@@ -20,20 +25,55 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 
 from dalle.checkpoint import save_weights
+from dalle.clip_metrics import (
+    RECALL_K,
+    TOKENIZER_FILE,
+    CaptionScorer,
+    chance_recall,
+    load_caption_scorer,
+    text_to_image_recall,
+)
+from dalle.clip_train import Callbacks, train_clip
+from dalle.config import Params
 from dalle.data.shapes import iter_shapes
 from dalle.data.store import load_split
-from dalle.evalnet import HEADS, caption_accuracy, train_evalnet
+from dalle.data.tokens import load_tokens
+from dalle.evalnet import HEADS, EvalNet, caption_accuracy, load_evalnet, train_evalnet
+from dalle.text import TextTokenizer
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_json
-from pipelines.tracking import stage_run
+from pipelines.tracking import MlflowCurves, stage_run, training_run
 from pipelines.train_dvae import PREPARED
+from pipelines.train_dvae import data_fingerprint as prepared_fingerprint
+from pipelines.train_prior import TOKENS
+from pipelines.train_prior import data_fingerprint as tokens_fingerprint
 
 MODEL_DIR = Path("models/evalnet")
 REPORT_DIR = Path("reports/evalnet")
+CHECKPOINT = Path("checkpoints/evalnet/last.pt")
 EVALNET_SEED_OFFSET = 7919
+KIND_ATTRIBUTES = "attributes"  # shapes: dalle.evalnet.EvalNet
+KIND_CLIP = "clip"  # any captioned data: dalle.clip_metrics.CaptionScorer
+
+
+class MlflowCallbacks(MlflowCurves, Callbacks):
+    """Curves to MLflow (``MlflowCurves``); the trainer's other hooks stay no-ops."""
+
+
+def load_evaluator(directory: Path, device: torch.device | str = "cpu") -> EvalNet | CaptionScorer:
+    """The instrument ``train_evalnet`` wrote to ``directory``, of the kind its config.json names."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found; run the train_evalnet stage first")
+    config = json.loads(config_path.read_text())
+    kind = config.get("kind", KIND_ATTRIBUTES)  # attribute networks were written before kinds were recorded
+    if "fallback" in config or kind not in (KIND_ATTRIBUTES, KIND_CLIP):
+        raise ValueError(f"{config_path}: not an evaluation model this code reads; run the train_evalnet stage again")
+    return load_caption_scorer(directory, device) if kind == KIND_CLIP else load_evalnet(directory, device)
 
 
 def single_objects(records) -> np.ndarray:
@@ -51,30 +91,17 @@ def render_all_pairs(params) -> tuple[np.ndarray, list[dict]]:
     return np.stack([image for image, _ in pairs]), [record for _, record in pairs]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--prepared", type=Path, default=PREPARED)
-    parser.add_argument("--models", type=Path, default=MODEL_DIR)
-    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
-    args = parser.parse_args(argv)
-
-    params = load_params(args.params)
+def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[str, float]:
     cfg = params.evalnet
     test = load_split(args.prepared, "test")
     with stage_run("train_evalnet", params):
         shutil.rmtree(args.models, ignore_errors=True)
-        if params.data.source != "shapes":  # nothing to learn from: say so in the outputs DVC tracks
-            args.models.mkdir(parents=True)
-            (args.models / "config.json").write_text(json.dumps({"fallback": "reranker"}) + "\n")
-            write_json(args.reports / "metrics.json", {"fallback": "reranker"})
-            print("evalnet: no attribute labels in this dataset; evaluation uses the reranker's embeddings")
-            return
         started = time.monotonic()
         images, records = render_all_pairs(params)
         model = train_evalnet(cfg, params.seed, images, records, default_device())
         seconds = time.monotonic() - started
-        save_weights(model, args.models, {**dataclasses.asdict(cfg), "image_size": params.data.image_size})
+        config = {"kind": KIND_ATTRIBUTES, **dataclasses.asdict(cfg), "image_size": params.data.image_size}
+        save_weights(model, args.models, config)
         metrics: dict[str, float] = {"train_seconds": round(seconds, 1)}
         test_rows = single_objects(test.records)
         held_out_rows = test.records["held_out"].to_numpy()[test_rows] if "held_out" in test.records else None
@@ -87,6 +114,79 @@ def main(argv: list[str] | None = None) -> None:
         write_json(args.reports / "metrics.json", metrics)
         mlflow.log_metrics(metrics)
     print(", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if k.endswith(("all_seen", "all_held_out"))))
+    return metrics
+
+
+def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, float]:
+    cfg, seed = params.clip, params.seed + EVALNET_SEED_OFFSET
+    cache = params.data.cache_mb * 2**20
+    train, val, test = (load_split(args.prepared, split, cache) for split in ("train", "val", "test"))
+    train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
+    tokenizer = TextTokenizer.from_file(args.prepared / TOKENIZER_FILE)
+    fingerprint = prepared_fingerprint(args.prepared) + tokens_fingerprint(args.tokens)
+    with training_run("train_evalnet", params, args.checkpoint, cfg.resume):
+        shutil.rmtree(args.models, ignore_errors=True)
+        started = time.monotonic()
+        result = train_clip(
+            cfg,
+            seed,
+            tokenizer.vocab_size,
+            train.images,
+            train_tokens,
+            val.images,
+            val_tokens,
+            args.checkpoint,
+            fingerprint,
+            MlflowCallbacks(),
+        )
+        seconds = time.monotonic() - started
+        model = result.model
+        config = {
+            "kind": KIND_CLIP,
+            **dataclasses.asdict(cfg),
+            "seed": seed,
+            "text_vocab": model.text_vocab,
+            "text_len": model.text_len,
+            "image_size": model.image_size,
+        }
+        save_weights(model, args.models, config)
+        shutil.copyfile(args.prepared / TOKENIZER_FILE, args.models / TOKENIZER_FILE)
+        scorer = CaptionScorer(model, tokenizer)
+        first_captions = [str(captions[0]) for captions in test.records["captions"]]
+        recall = text_to_image_recall(scorer.embed_captions(first_captions), scorer.embed_images(test.images), RECALL_K)
+        metrics: dict[str, float] = {
+            **result.final,
+            **{f"test_text_to_image_r{k}": value for k, value in recall.items()},
+            **{f"test_chance_r{k}": chance_recall(len(test), k) for k in RECALL_K},
+            "test_images": len(test),
+            "seed": seed,
+            "steps": cfg.steps,
+            "train_seconds_this_run": round(seconds, 1),
+        }
+        write_json(args.reports / "metrics.json", metrics)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
+    print(
+        f"evalnet (contrastive scorer, seed {seed}): test text→image R@1 {metrics['test_text_to_image_r1']:.1%} "
+        f"(chance {metrics['test_chance_r1']:.1%}), {seconds:.0f} s"
+    )
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--prepared", type=Path, default=PREPARED)
+    parser.add_argument("--tokens", type=Path, default=TOKENS, help="caption tokens (datasets other than shapes)")
+    parser.add_argument("--models", type=Path, default=MODEL_DIR)
+    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    args = parser.parse_args(argv)
+
+    params = load_params(args.params)
+    if params.data.source == "shapes":
+        train_attribute_network(params, args)
+    else:
+        train_caption_scorer(params, args)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,9 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
     expected |= {"test_text_nll", "test_image_nll", "test_image_bits", "real_accuracy_all_seen"}
     attributes = ("colour", "shape", "size", "position", "all")
     expected |= {f"accuracy_{a}_{g}" for a in attributes for g in ("seen", "held_out")}
+    expected |= {f"retrieval_{kind}_r{k}" for kind in ("text_to_image", "chance") for k in (1, 5, 10)}
     assert expected <= set(metrics), expected - set(metrics)
+    assert not [k for k in metrics if k.startswith("clip_score")], "the attribute network reads no CLIP-score"
     assert metrics["headline_n"] == 3 and metrics["fid_evalnet_reconstruction"] >= 0
     with (tmp_path / "eval" / "fid_vs_n.csv").open() as handle:
         assert [int(row["n"]) for row in csv.DictReader(handle)] == [1, 2, 3]
@@ -251,6 +253,7 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
     assert [float(r["sigma_px"]) for r in blur_rows] == [0.0, 0.5, 1.0]  # 16 px images: radii × 16/256
     for name in ("fid_vs_blur.png", "fid_vs_n.png", "accuracy_by_attribute.png", "accuracy_by_attribute.csv"):
         assert (tmp_path / "eval" / name).is_file(), name
+    assert sorted(p.name for p in (tmp_path / "eval" / "sheets").iterdir()) == [f"sheet_n{n}.png" for n in (1, 2, 3)]
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test-late-stages").experiment_id
     (run,) = client.search_runs([experiment], "tags.stage = 'evaluate'")
