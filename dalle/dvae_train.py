@@ -55,6 +55,15 @@ class TrainResult:
     val_history: list[dict[str, float]]  # validation rows every val_every steps
 
 
+def training_images(cfg: DvaeConfig, available: int) -> int:
+    """How many training images the dVAE trains on: the first ``cfg.train_images``, or all ``available``."""
+    if cfg.train_images is None:
+        return available
+    if cfg.train_images > available:
+        raise ValueError(f"dvae.train_images is {cfg.train_images} but there are only {available} training images")
+    return cfg.train_images
+
+
 def train_dvae(
     cfg: DvaeConfig,
     seed: int,
@@ -65,7 +74,9 @@ def train_dvae(
     callbacks: Callbacks | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
-    """Train on uint8 (N, S, S, 3) arrays (memory-mapped is fine)."""
+    """Train on uint8 (N, S, S, 3) arrays (memory-mapped is fine), the first ``cfg.train_images`` of
+    ``train_images`` when that is set."""
+    n_train = training_images(cfg, len(train_images))
     callbacks = callbacks or Callbacks()
     device = device or default_device()
     torch.manual_seed(seed)
@@ -93,7 +104,7 @@ def train_dvae(
         beta = cosine(step, cfg.kl_warmup_steps, 0.0, cfg.kl_weight)
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        images = to_float_images(train_images[batch_indices(step, len(train_images), cfg.batch_size, seed)], device)
+        images = to_float_images(train_images[batch_indices(step, n_train, cfg.batch_size, seed)], device)
         with mixed_precision(device):
             loss, parts = model(images, tau=tau, kl_weight=beta)
         if not torch.isfinite(loss):

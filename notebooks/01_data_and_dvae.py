@@ -12,7 +12,7 @@ import pandas as pd
 from PIL import Image
 from workbench import ROOT, history, latest_run, require
 
-require("data/prepared/contact_sheet.png", "data/tokens/train/text_lengths.npy", "models/dvae/model.safetensors")
+require("data/prepared/contact_sheet.png", "data/tokens/train/index.json", "models/dvae/model.safetensors")
 
 # %%
 plt.figure(figsize=(10, 5))
@@ -22,7 +22,9 @@ plt.title("training images and one of their captions")
 plt.show()
 
 # %%
-lengths = np.load(ROOT / "data/tokens/train/text_lengths.npy")
+from dalle.data.tokens import load_tokens  # noqa: E402
+
+lengths = np.asarray(load_tokens(ROOT / "data/tokens", "train").text_lengths)
 plt.hist(lengths, bins=np.arange(lengths.max() + 2) - 0.5)
 plt.xlabel("caption length (BPE tokens)")
 plt.ylabel("captions")

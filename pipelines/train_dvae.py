@@ -18,7 +18,7 @@ import torch
 from dalle.checkpoint import save_weights
 from dalle.data.judge import attribute_accuracy
 from dalle.data.store import STATS_FILE, load_split
-from dalle.dvae_train import Callbacks, reconstruct, train_dvae
+from dalle.dvae_train import Callbacks, reconstruct, train_dvae, training_images
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_csv
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = params.dvae
     torch.set_flush_denormal(True)  # near-black images drive activations denormal; CPU steps slow down 10x
-    train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
+    cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
+    train, val = load_split(args.prepared, "train", cache), load_split(args.prepared, "val", cache)
+    n_train = training_images(cfg, len(train))  # fails on a bad dvae.train_images before the MLflow run opens
     with training_run("train_dvae", params, args.checkpoint, cfg.resume) as run:
         started = time.monotonic()
         result = train_dvae(
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             **result.final,
             **attributes,
             "steps": cfg.steps,
+            "train_images": n_train,
             "train_seconds_this_run": round(seconds, 1),
             "parameters": sum(p.numel() for p in result.model.parameters()),
         }

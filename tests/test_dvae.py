@@ -192,6 +192,32 @@ def test_resume_refuses_a_different_config_and_names_the_keys(shapes16, tmp_path
     assert fresh.history[0]["step"] == TINY.log_every
 
 
+class RecordedRows:
+    """Training images that remember which rows the trainer asked for."""
+
+    def __init__(self, images: np.ndarray):
+        self.images, self.rows = images, set()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, rows):
+        self.rows.update(np.atleast_1d(np.arange(len(self.images))[rows]).tolist())
+        return self.images[rows]
+
+
+def test_train_images_trains_on_the_first_n_only(shapes16):
+    train, val = shapes16
+    recorded = RecordedRows(train)
+    train_dvae(dataclasses.replace(TINY, train_images=16, steps=8), 0, recorded, val)
+    assert recorded.rows == set(range(16))  # 8 steps of 8 = four epochs of the first 16 images
+    recorded = RecordedRows(train)
+    train_dvae(dataclasses.replace(TINY, steps=6), 0, recorded, val)
+    assert max(recorded.rows) >= 16 and len(recorded.rows) == 48  # null: all 48
+    with pytest.raises(ValueError, match="dvae.train_images is 49 but there are only 48 training images"):
+        train_dvae(dataclasses.replace(TINY, train_images=49), 0, train, val)
+
+
 def test_checkpoints_load_weights_only(tmp_path):
     save_checkpoint(tmp_path / "ok.pt", {"step": 3, "weights": torch.ones(2), "history": [{"loss": 1.0}]})
     assert load_checkpoint(tmp_path / "ok.pt")["step"] == 3
