@@ -166,6 +166,7 @@ class DvaeConfig:
     ema_decay: float = 0.999
     batch_size: int = 64
     steps: int = 1000
+    train_images: int | None = None  # train on the first N training images (encode still covers all); null = all
     val_images: int = 500
     log_every: int = 50
     val_every: int = 250
@@ -194,6 +195,11 @@ class DvaeConfig:
             "checkpoint_every",
         ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        _check(
+            self.train_images is None or self.train_images >= 1,
+            "train_images",
+            f"must be >= 1 or null (all training images), got {self.train_images}",
+        )
         _check(self.hidden % 4 == 0, "hidden", f"must be divisible by 4 (bottleneck width), got {self.hidden}")
         _check(
             0 < self.tau_end <= self.tau_start,

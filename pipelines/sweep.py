@@ -169,7 +169,8 @@ def objective(trial: optuna.Trial, args: argparse.Namespace, params: Params, par
 
 def load_data(params: Params, target: str, args: argparse.Namespace) -> dict:
     if target == "dvae":
-        return {"train": load_split(args.prepared, "train").images, "val": load_split(args.prepared, "val").images}
+        cache = params.data.cache_mb * 2**20
+        return {split: load_split(args.prepared, split, cache).images for split in ("train", "val")}
     if not (args.dvae / "config.json").is_file():
         raise SweepError(f"{args.dvae}/config.json not found; run the train_dvae and encode stages first")
     train = load_tokens(args.tokens, "train")

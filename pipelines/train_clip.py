@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     cfg = params.clip
-    train, val = load_split(args.prepared, "train"), load_split(args.prepared, "val")
+    cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
+    train, val = load_split(args.prepared, "train", cache), load_split(args.prepared, "val", cache)
     train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
     tokenizer = TextTokenizer.from_file(args.prepared / "tokenizer.json")
     fingerprint = prepared_fingerprint(args.prepared) + tokens_fingerprint(args.tokens)

@@ -115,6 +115,8 @@ def _delete(path: str):
         (_set("dvae.hard", "yes"), "dvae.hard", "true or false"),
         (_set("dvae.steps", 0), "dvae.steps", ">= 1"),
         (_set("dvae.lr_min", 1.0), "dvae.lr_min", "[0, lr]"),
+        (_set("dvae.train_images", 0), "dvae.train_images", ">= 1 or null"),
+        (_set("dvae.train_images", "all"), "dvae.train_images", "expected an integer"),
         (_set("seed", -1), "seed", ">= 0"),
         (_set("mlflow.experiment", " "), "mlflow.experiment", "non-empty"),
         (_set("prior.schedule", "diagonal"), "prior.schedule", "unknown attention schedule 'diagonal'"),

@@ -35,7 +35,12 @@ def run(args: list[str], cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def repo_copy(tmp_path_factory) -> Path:
-    """The repository's tracked and new files (no venv, data or stores), with tiny params, committed."""
+    return tiny_repo(tmp_path_factory.mktemp("repo"), "test-dvc")
+
+
+def tiny_repo(root: Path, experiment: str, **data) -> Path:
+    """The repository's tracked and new files (no venv, data or stores) in ``root``, with tiny params (``data``
+    overrides the data section), committed."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -43,7 +48,6 @@ def repo_copy(tmp_path_factory) -> Path:
         text=True,
         check=True,
     ).stdout.split()
-    root = tmp_path_factory.mktemp("repo")
     for name in listed:
         # Locks and benchmark results belong to this machine's runs; the copy makes its own.
         if (REPO / name).is_file() and not name.startswith(
@@ -53,8 +57,8 @@ def repo_copy(tmp_path_factory) -> Path:
             shutil.copy2(REPO / name, root / name)
     params = root / "params.yaml"
     raw = yaml.safe_load(params.read_text())
-    raw["data"].update(n_train=32, n_val=4, n_test=8, image_size=16)
-    raw["mlflow"]["experiment"] = "test-dvc"
+    raw["data"].update({"n_train": 32, "n_val": 4, "n_test": 8, "image_size": 16, **data})
+    raw["mlflow"]["experiment"] = experiment
     raw["dvae"].update(
         codebook_size=16,
         hidden=8,
@@ -128,7 +132,7 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
         "ablation_summary",
     }
     assert (repo_copy / "models/dvae/model.safetensors").is_file()
-    assert (repo_copy / "data/tokens/test/image_tokens.npy").is_file()
+    assert (repo_copy / "data/tokens/test/index.json").is_file()
     assert json.loads((repo_copy / "reports/dvae/metrics.json").read_text())["steps"] == 4
     assert (repo_copy / "models/prior/model.safetensors").is_file()
     assert json.loads((repo_copy / "reports/prior/metrics.json").read_text())["steps"] == 4

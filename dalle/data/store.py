@@ -239,12 +239,18 @@ class ImageShards:
         cache = self._cached()
         if cache is not None:
             return cache[index]
-        if isinstance(index, (int, np.integer)):
-            return self._decode_rows(np.arange(len(self))[[index]])[0]
         if isinstance(index, tuple):  # e.g. images[rows, :, :, 0]: rows first, then the rest
             return self[index[0]][(slice(None), *index[1:])]
-        rows = np.arange(len(self))[index]
-        return self._decode_rows(np.atleast_1d(rows))
+        if isinstance(index, slice):  # O(rows asked for), never O(N)
+            return self._decode_rows(np.asarray(range(len(self))[index], dtype=np.int64))
+        rows = np.asarray(index)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        if rows.ndim == 0:
+            return self[np.atleast_1d(rows)][0]
+        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"index out of range for {len(self)} images")
+        return self._decode_rows(np.where(rows < 0, rows + len(self), rows))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         array = self[:]
