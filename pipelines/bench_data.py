@@ -9,6 +9,10 @@ written under its own key), then runs ``prepare_dataset`` on them in a subproces
 images/s, peak RSS (main process and the tree), the prepared bytes per image against the raw ``(S, S, 3)`` uint8
 array the format replaced, and the ratio of peak RSS between the largest and smallest count (memory must not grow
 with the dataset). Writes ``<out>/data.json``. Not a DVC stage: it takes minutes at 200k images.
+
+``--loading data/tokens`` instead measures data loading's share of a prior training step at the ``prior`` size of
+params.yaml, with the token shards read through their memory-mapped view (no in-memory cache), into
+``<out>/data_loading.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
+import torch
 import yaml
 from PIL import Image
 from tqdm import tqdm
@@ -32,6 +38,7 @@ from tqdm import tqdm
 from dalle.config import DataConfig
 from dalle.data.prepare import prepare_dataset
 from dalle.data.shapes import iter_shapes
+from dalle.data.tokens import load_tokens
 from pipelines.params import load_params
 from pipelines.reports import write_json
 
@@ -93,6 +100,42 @@ def _rss(process: psutil.Process) -> int:
         return 0
 
 
+def loading_share(params_file: Path, tokens: Path, steps: int = 40) -> dict:
+    """Data loading's share of a prior training step at the params' prior size, reading the token shards through
+    the memory-mapped view (no in-memory cache): batch ``step`` assembled alone, then a whole step with it."""
+    from dalle.prior import Prior
+    from dalle.prior_train import geometry_of, training_batch, training_losses
+    from dalle.training import adamw
+
+    params = load_params(params_file)
+    cfg = params.prior
+    train = load_tokens(tokens, "train", cache_bytes=0)
+    vocab = json.loads((tokens.parent / "prepared" / "tokenizer.json").read_text())["model"]["vocab"]
+    codebook = json.loads((tokens.parent.parent / "models" / "dvae" / "config.json").read_text())["codebook_size"]
+    geometry = geometry_of(train, len(vocab), codebook)
+    prior = Prior(cfg, geometry)
+    optimizer = adamw(prior, cfg.lr, cfg.weight_decay)
+    cpu = torch.device("cpu")
+    data_seconds, step_seconds = [], []
+    for step in range(steps):
+        started = time.perf_counter()
+        batch = training_batch(train, step, cfg.batch_size, params.seed, cpu)
+        loaded = time.perf_counter()
+        losses, _ = training_losses(prior, prior, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        optimizer.step()
+        data_seconds.append(loaded - started)
+        step_seconds.append(time.perf_counter() - started)
+    data, total = float(np.median(data_seconds[5:])), float(np.median(step_seconds[5:]))  # after warm-up
+    return {
+        "token_view": type(train.image_tokens).__name__,
+        "data_ms": round(1000 * data, 3),
+        "step_ms": round(1000 * total, 1),
+        "data_share": round(data / total, 5),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, nargs="+", default=[10_000, 200_000])
@@ -102,7 +145,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/bench"))
     parser.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--prepare", nargs=2, type=Path, metavar=("PARAMS", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--loading",
+        type=Path,
+        metavar="TOKENS",
+        help="instead: data loading's share of a prior step on an encoded token set (e.g. data/tokens)",
+    )
     args = parser.parse_args(argv)
+    if args.loading:
+        result = loading_share(Path("params.yaml"), args.loading)
+        write_json(args.out / "data_loading.json", result)
+        print(json.dumps(result))
+        return
     if args.prepare:  # the measured child: prepare alone, without the stage's MLflow run
         prepare_dataset(load_params(args.prepare[0]), args.prepare[1])
         return
