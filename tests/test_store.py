@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from dalle.data.store import INDEX_FILE, decode_stored, encode_image, read_split, verify_split, write_split
+from dalle.data.store import (
+    INDEX_FILE,
+    SplitWriter,
+    TarWriter,
+    decode_stored,
+    encode_image,
+    read_split,
+    verify_split,
+)
 
 
 def _images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -18,9 +26,18 @@ def _images(n: int, size: int = 8, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def split_dir(tmp_path):
+    """23 images in shards of 10, written and adopted the way prepare's units are."""
     images = _images(23)
-    samples = ((image, {"captions": [f"caption {i}"], "n": i}) for i, image in enumerate(images))
-    assert write_split(tmp_path / "s", samples, capacity=40, image_size=8, desc="t", shard_size=10) == 23
+    writer = SplitWriter(tmp_path / "s", image_size=8)
+    for start in range(0, len(images), 10):
+        tar = TarWriter(tmp_path / f"unit-{start}.tar")
+        records = []
+        for i in range(start, min(start + 10, len(images))):
+            tar.add(f"{i:09d}.png", encode_image(images[i]))
+            records.append({"key": f"{i:09d}", "captions": [f"caption {i}"], "n": i})
+        digest = tar.close()
+        writer.add_shard(tar.path, records, tar.members, digest)
+    assert writer.close() == 23
     return tmp_path / "s", images
 
 

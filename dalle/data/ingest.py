@@ -39,7 +39,7 @@ from dalle.config import DataConfig
 from dalle.data.decode import SKIP_REASONS, Skip, decode_captions, decode_image
 from dalle.data.shapes import iter_shapes
 from dalle.data.sources import SPLITS, ListingSkip, RawSample, iter_raw, iter_webdataset, shard_urls, split_of
-from dalle.data.store import SUFFIXES, SplitWriter, TarWriter, encode_image, file_sha256
+from dalle.data.store import SUFFIXES, SplitWriter, TarWriter, encode_image, shard_intact
 
 LISTING_REASONS = ("missing_image", "missing_caption", "missing_group", "bad_metadata")
 REASONS = LISTING_REASONS + tuple(r for r in SKIP_REASONS if r not in LISTING_REASONS)
@@ -156,10 +156,8 @@ def staged(staging: Path, unit: Unit) -> dict | None:
         return None
     if result.get("digest") != unit.digest or result.get("format") != UNIT_FORMAT:
         return None
-    for part in result["splits"].values():
-        shard = staging / part["file"]
-        if not shard.is_file() or shard.stat().st_size != part["bytes"] or file_sha256(shard) != part["sha256"]:
-            return None
+    if not all(shard_intact(staging / part["file"], part) for part in result["splits"].values()):
+        return None
     return result
 
 
@@ -295,7 +293,7 @@ def publish(
     Returns the images per split and, per split, the good samples dropped by its cap.
     """
     capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    writers = {split: SplitWriter(out / split, cfg.image_size, cfg.image_format, cfg.shard_size) for split in SPLITS}
+    writers = {split: SplitWriter(out / split, cfg.image_size, cfg.image_format) for split in SPLITS}
     over_cap = dict.fromkeys(SPLITS, 0)
     for unit_id in unit_ids:
         result = unit_result(staging, unit_id)

@@ -29,7 +29,7 @@ import json
 import mmap
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 STATS_FILE = "stats.json"
@@ -94,52 +93,29 @@ class TarWriter:
 
 
 class SplitWriter:
-    """Appends (encoded image, record) pairs to numbered tar shards of ``shard_size`` samples each."""
+    """Assembles a split from finished tar shards: their records, member offsets and the index."""
 
-    def __init__(self, directory: Path, image_size: int, image_format: str = "png", shard_size: int = 4096):
+    def __init__(self, directory: Path, image_size: int, image_format: str = "png"):
         self.directory = directory
-        self.image_size, self.image_format, self.shard_size = image_size, image_format, shard_size
+        self.image_size, self.image_format = image_size, image_format
         self.members: list[tuple[int, int, int]] = []
         self.shards: list[dict] = []
-        self._tables: list[pa.Table] = []  # records of finished shards, columnar: far smaller than dicts
-        self._pending: list[dict] = []  # records of the open shard
-        self._tar: TarWriter | None = None
+        self._tables: list[pa.Table] = []  # records per shard, columnar: far smaller than dicts
         directory.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def add(self, key: str, image_bytes: bytes, record: dict) -> None:
-        if self._tar is None:
-            self.shards.append({"name": f"shard-{len(self.shards):05d}.tar"})
-            self._tar = TarWriter(self.directory / self.shards[-1]["name"])
-        self._tar.add(f"{key}.{SUFFIXES[self.image_format]}", image_bytes)
-        offset, size = self._tar.members[-1]
-        self.members.append((len(self.shards) - 1, offset, size))
-        self._pending.append({"key": key, **record})
-        if len(self._tar.members) == self.shard_size:
-            self._close_shard()
-
     def add_shard(self, path: Path, records: list[dict], members: list[tuple[int, int]], digest: dict) -> None:
         """Adopt a finished tar shard (moved into the split) with its records and member offsets."""
-        assert self._tar is None, "add_shard after add: finish the open shard first"
         name = f"shard-{len(self.shards):05d}.tar"
         os.replace(path, self.directory / name)
         self.shards.append({"name": name, "samples": len(records), **digest})
         self.members.extend((len(self.shards) - 1, offset, size) for offset, size in members)
         self._tables.append(pa.Table.from_pylist(records))
 
-    def _close_shard(self) -> None:
-        assert self._tar is not None
-        self.shards[-1].update(samples=len(self._tar.members), **self._tar.close())
-        self._tar = None
-        self._tables.append(pa.Table.from_pylist(self._pending))
-        self._pending = []
-
     def close(self) -> int:
-        """Finish the last shard and write the records, members and index; returns the sample count."""
-        if self._tar is not None:
-            self._close_shard()
+        """Write the records, members and index; returns the sample count."""
         # A column that is null in one shard and text in another (e.g. a second object) is unified by promotion.
         records = pa.concat_tables(self._tables, promote_options="default") if self._tables else pa.table({})
         pq.write_table(records, self.directory / RECORDS_FILE)
@@ -155,29 +131,15 @@ class SplitWriter:
         return len(self.members)
 
 
-def write_split(
-    directory: Path,
-    samples: Iterable[tuple[np.ndarray, dict]],
-    capacity: int,
-    image_size: int,
-    desc: str,
-    image_format: str = "png",
-    quality: int = 95,
-    shard_size: int = 4096,
-) -> int:
-    """Encode and store (image, record) pairs, at most ``capacity``; returns how many were written."""
-    writer = SplitWriter(directory, image_size, image_format, shard_size)
-    for image, record in tqdm(samples, total=capacity, desc=desc, unit="img", leave=False):
-        if len(writer) == capacity:
-            break
-        writer.add(f"{len(writer):09d}", encode_image(image, image_format, quality), record)
-    return writer.close()
-
-
 def caption_lists(directory: Path, batch_size: int = 8192) -> Iterator[list[list[str]]]:
     """The ``captions`` column of a split's records, a batch of images at a time (the rest is never loaded)."""
     for batch in pq.ParquetFile(directory / RECORDS_FILE).iter_batches(batch_size, columns=["captions"]):
         yield batch.column(0).to_pylist()
+
+
+def shard_intact(path: Path, entry: dict) -> bool:
+    """Whether the file at ``path`` has the ``bytes`` and ``sha256`` recorded in ``entry``."""
+    return path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]
 
 
 def file_sha256(path: Path) -> str:
@@ -298,9 +260,4 @@ def read_split(directory: Path, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Split
 def verify_split(directory: Path) -> list[str]:
     """Names of the shards whose size or sha256 differs from the index (empty when the split is intact)."""
     index = json.loads((directory / INDEX_FILE).read_text())
-    bad = []
-    for shard in index["shards"]:
-        path = directory / shard["name"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
-            bad.append(shard["name"])
-    return bad
+    return [shard["name"] for shard in index["shards"] if not shard_intact(directory / shard["name"], shard)]
