@@ -14,9 +14,11 @@ from pathlib import Path
 import mlflow
 
 from dalle.checkpoint import save_weights
-from dalle.clip_train import Callbacks, train_clip
-from dalle.data.store import load_split
-from dalle.data.tokens import load_tokens
+from dalle.clip import Clip
+from dalle.clip_train import Callbacks, TrainResult, train_clip
+from dalle.config import ClipConfig, Params
+from dalle.data.store import Split, load_split
+from dalle.data.tokens import TokenSplit, load_tokens
 from dalle.text import TextTokenizer
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
@@ -35,6 +37,54 @@ class MlflowCallbacks(MlflowCurves, Callbacks):
     """Curves to MLflow (``MlflowCurves``); the trainer's other hooks stay no-ops."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ContrastiveData:
+    """What a contrastive model trains on: prepared images, caption tokens, the tokenizer and their fingerprint."""
+
+    train: Split
+    val: Split
+    train_tokens: TokenSplit
+    val_tokens: TokenSplit
+    tokenizer: TextTokenizer
+    fingerprint: str
+
+    @classmethod
+    def load(cls, params: Params, prepared: Path, tokens: Path) -> ContrastiveData:
+        cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
+        return cls(
+            train=load_split(prepared, "train", cache),
+            val=load_split(prepared, "val", cache),
+            train_tokens=load_tokens(tokens, "train"),
+            val_tokens=load_tokens(tokens, "val"),
+            tokenizer=TextTokenizer.from_file(prepared / "tokenizer.json"),
+            fingerprint=prepared_fingerprint(prepared) + tokens_fingerprint(tokens),
+        )
+
+
+def fit(cfg: ClipConfig, seed: int, data: ContrastiveData, checkpoint: Path) -> tuple[TrainResult, float]:
+    """Train (or resume) a contrastive model on ``data`` with curves to the active MLflow run; returns the result
+    and the seconds this run took."""
+    started = time.monotonic()
+    result = train_clip(
+        cfg,
+        seed,
+        data.tokenizer.vocab_size,
+        data.train.images,
+        data.train_tokens,
+        data.val.images,
+        data.val_tokens,
+        checkpoint,
+        data.fingerprint,
+        MlflowCallbacks(),
+    )
+    return result, time.monotonic() - started
+
+
+def model_dims(model: Clip) -> dict[str, int]:
+    """The sizes config.json records beside the ``clip`` settings, so the model loads without the data."""
+    return {"text_vocab": model.text_vocab, "text_len": model.text_len, "image_size": model.image_size}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
@@ -47,33 +97,11 @@ def main(argv: list[str] | None = None) -> None:
 
     params = load_params(args.params)
     cfg = params.clip
-    cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
-    train, val = load_split(args.prepared, "train", cache), load_split(args.prepared, "val", cache)
-    train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
-    tokenizer = TextTokenizer.from_file(args.prepared / "tokenizer.json")
-    fingerprint = prepared_fingerprint(args.prepared) + tokens_fingerprint(args.tokens)
+    data = ContrastiveData.load(params, args.prepared, args.tokens)
     with training_run("train_clip", params, args.checkpoint, cfg.resume) as run:
-        started = time.monotonic()
-        result = train_clip(
-            cfg,
-            params.seed,
-            tokenizer.vocab_size,
-            train.images,
-            train_tokens,
-            val.images,
-            val_tokens,
-            args.checkpoint,
-            fingerprint,
-            MlflowCallbacks(),
-        )
-        seconds = time.monotonic() - started
+        result, seconds = fit(cfg, params.seed, data, args.checkpoint)
         model = result.model
-        config = {
-            **dataclasses.asdict(cfg),
-            "text_vocab": model.text_vocab,
-            "text_len": model.text_len,
-            "image_size": model.image_size,
-        }
+        config = {**dataclasses.asdict(cfg), **model_dims(model)}
         save_weights(model, args.models, config)
         shutil.copyfile(args.prepared / "tokenizer.json", args.models / "tokenizer.json")
         metrics = {

@@ -36,21 +36,17 @@ from dalle.clip_metrics import (
     load_caption_scorer,
     text_to_image_recall,
 )
-from dalle.clip_train import Callbacks, train_clip
 from dalle.config import Params
 from dalle.data.shapes import iter_shapes
 from dalle.data.store import load_split
-from dalle.data.tokens import load_tokens
 from dalle.evalnet import HEADS, EvalNet, caption_accuracy, load_evalnet, train_evalnet
-from dalle.text import TextTokenizer
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_json
-from pipelines.tracking import MlflowCurves, stage_run, training_run
+from pipelines.tracking import stage_run, training_run
+from pipelines.train_clip import ContrastiveData, fit, model_dims
 from pipelines.train_dvae import PREPARED
-from pipelines.train_dvae import data_fingerprint as prepared_fingerprint
 from pipelines.train_prior import TOKENS
-from pipelines.train_prior import data_fingerprint as tokens_fingerprint
 
 MODEL_DIR = Path("models/evalnet")
 REPORT_DIR = Path("reports/evalnet")
@@ -58,10 +54,6 @@ CHECKPOINT = Path("checkpoints/evalnet/last.pt")
 EVALNET_SEED_OFFSET = 7919
 KIND_ATTRIBUTES = "attributes"  # shapes: dalle.evalnet.EvalNet
 KIND_CLIP = "clip"  # any captioned data: dalle.clip_metrics.CaptionScorer
-
-
-class MlflowCallbacks(MlflowCurves, Callbacks):
-    """Curves to MLflow (``MlflowCurves``); the trainer's other hooks stay no-ops."""
 
 
 def load_evaluator(directory: Path, device: torch.device | str = "cpu") -> EvalNet | CaptionScorer:
@@ -119,39 +111,16 @@ def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[st
 
 def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, float]:
     cfg, seed = params.clip, params.seed + EVALNET_SEED_OFFSET
-    cache = params.data.cache_mb * 2**20
-    train, val, test = (load_split(args.prepared, split, cache) for split in ("train", "val", "test"))
-    train_tokens, val_tokens = load_tokens(args.tokens, "train"), load_tokens(args.tokens, "val")
-    tokenizer = TextTokenizer.from_file(args.prepared / TOKENIZER_FILE)
-    fingerprint = prepared_fingerprint(args.prepared) + tokens_fingerprint(args.tokens)
+    data = ContrastiveData.load(params, args.prepared, args.tokens)
+    test = load_split(args.prepared, "test", params.data.cache_mb * 2**20)
     with training_run("train_evalnet", params, args.checkpoint, cfg.resume):
         shutil.rmtree(args.models, ignore_errors=True)
-        started = time.monotonic()
-        result = train_clip(
-            cfg,
-            seed,
-            tokenizer.vocab_size,
-            train.images,
-            train_tokens,
-            val.images,
-            val_tokens,
-            args.checkpoint,
-            fingerprint,
-            MlflowCallbacks(),
-        )
-        seconds = time.monotonic() - started
+        result, seconds = fit(cfg, seed, data, args.checkpoint)
         model = result.model
-        config = {
-            "kind": KIND_CLIP,
-            **dataclasses.asdict(cfg),
-            "seed": seed,
-            "text_vocab": model.text_vocab,
-            "text_len": model.text_len,
-            "image_size": model.image_size,
-        }
+        config = {"kind": KIND_CLIP, **dataclasses.asdict(cfg), "seed": seed, **model_dims(model)}
         save_weights(model, args.models, config)
         shutil.copyfile(args.prepared / TOKENIZER_FILE, args.models / TOKENIZER_FILE)
-        scorer = CaptionScorer(model, tokenizer)
+        scorer = CaptionScorer(model, data.tokenizer)
         first_captions = [str(captions[0]) for captions in test.records["captions"]]
         recall = text_to_image_recall(scorer.embed_captions(first_captions), scorer.embed_images(test.images), RECALL_K)
         metrics: dict[str, float] = {
