@@ -83,6 +83,11 @@ class Unit:
     digest: str  # identifies the payload: a staged unit is reused only if its digest matches
 
 
+def capacities(cfg: DataConfig) -> dict[str, int]:
+    """The most images each split keeps (shapes: how many it renders)."""
+    return {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+
+
 def process(sample: RawSample, cfg: DataConfig) -> tuple[bytes, list[str]] | Skip:
     """Read, decode and re-encode one sample: (stored image bytes, captions), or the Skip that stopped it."""
     try:
@@ -106,11 +111,11 @@ def process(sample: RawSample, cfg: DataConfig) -> tuple[bytes, list[str]] | Ski
 def plan_units(cfg: DataConfig, seed: int) -> list[Unit]:
     """The source cut into units, in source order."""
     if cfg.source == "shapes":
-        units, capacities = [], {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+        units, capacity = [], capacities(cfg)
         for split in SPLITS:
-            for start in range(0, capacities[split], cfg.shard_size):
-                block = (split, start, min(start + cfg.shard_size, capacities[split]))
-                units.append(Unit(len(units), block, _digest([split, start, block[2], capacities[split], seed])))
+            for start in range(0, capacity[split], cfg.shard_size):
+                block = (split, start, min(start + cfg.shard_size, capacity[split]))
+                units.append(Unit(len(units), block, _digest([split, start, block[2], capacity[split], seed])))
         return units
     if cfg.source == "webdataset":
         assert cfg.path is not None
@@ -188,8 +193,7 @@ def _unit_samples(unit: Unit, cfg: DataConfig, seed: int, skipped: dict) -> Iter
     """(split, stored image bytes, record) of every good sample of ``unit``; skips go to ``skipped``."""
     if isinstance(unit.payload, tuple):  # shapes: a block of one split's renders
         split, start, stop = unit.payload
-        capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}[split]
-        for index, (image, record) in enumerate(iter_shapes(cfg, seed, split, capacity)):
+        for index, (image, record) in enumerate(iter_shapes(cfg, seed, split, capacities(cfg)[split])):
             if index >= stop:
                 break
             if index >= start:
@@ -237,19 +241,21 @@ def build_units(
         else:
             counts[unit.id] = count(result)
     order = [unit.id for unit in units]
+    totals = dict.fromkeys(SPLITS, 0)  # good samples in the longest finished prefix of ``order``
+    prefix = 0
 
     def filled() -> bool:
+        """Whether the units finished in order already fill every split (advances the prefix: O(1) amortised)."""
+        nonlocal prefix
         if capacity is None:
             return False
-        totals = dict.fromkeys(SPLITS, 0)
-        for unit_id in order:
-            if unit_id not in counts:
-                return False
-            for split, n in counts[unit_id].items():
+        while prefix < len(order) and order[prefix] in counts:
+            for split, n in counts[order[prefix]].items():
                 totals[split] += n
+            prefix += 1
             if all(totals[split] >= capacity[split] for split in SPLITS):
                 return True
-        return False
+        return all(totals[split] >= capacity[split] for split in SPLITS)
 
     progress = tqdm(total=len(units), initial=len(counts), desc="prepare", unit="unit")
     with progress:
@@ -292,7 +298,7 @@ def publish(
 
     Returns the images per split and, per split, the good samples dropped by its cap.
     """
-    capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
+    capacity = capacities(cfg)
     writers = {split: SplitWriter(out / split, cfg.image_size, cfg.image_format) for split in SPLITS}
     over_cap = dict.fromkeys(SPLITS, 0)
     for unit_id in unit_ids:

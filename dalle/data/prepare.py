@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dalle.config import Params
-from dalle.data.ingest import Skipped, build_units, plan_units, publish
+from dalle.data.ingest import Skipped, build_units, capacities, plan_units, publish
 from dalle.data.store import FORMAT, INDEX_FILE, RECORDS_FILE, SPLITS, STATS_FILE, caption_lists, read_split
 from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
@@ -42,8 +42,7 @@ def prepare_dataset(params: Params, out_dir: str | Path, units: slice | None = N
     if units is not None:
         build_units(cfg, params.seed, plan[units], staging)
         return None
-    capacity = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
-    unit_ids = build_units(cfg, params.seed, plan, staging, capacity)
+    unit_ids = build_units(cfg, params.seed, plan, staging, capacities(cfg))
     skipped = Skipped()
     tmp = staging / "publish"
     shutil.rmtree(tmp, ignore_errors=True)
