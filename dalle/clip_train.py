@@ -15,13 +15,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dalle.clip import Clip
-from dalle.config import ClipConfig
-from dalle.data.tokens import TokenSplit, caption_rows
+from dalle.config import ClipConfig, LoaderConfig
+from dalle.data.order import DEFAULT_LOADER, caption_rows, loader_resume_config, make_order
+from dalle.data.tokens import TokenSplit
 from dalle.pixels import to_float_images
 from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
-    batch_indices,
     default_device,
     mixed_precision,
     restore_training_state,
@@ -75,9 +75,11 @@ def retrieval(model: Clip, images: np.ndarray, tokens: TokenSplit, n: int, devic
     }
 
 
-def resume_config(cfg: ClipConfig, seed: int, data_fingerprint: str) -> dict[str, Any]:
+def resume_config(
+    cfg: ClipConfig, seed: int, data_fingerprint: str, loader: LoaderConfig = DEFAULT_LOADER
+) -> dict[str, Any]:
     config = {f"clip.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in ClipConfig.CADENCE_KEYS}
-    return {**config, "seed": seed, "data": data_fingerprint}
+    return {**config, "seed": seed, "data": data_fingerprint, **loader_resume_config(loader, 1)}
 
 
 def train_clip(
@@ -92,8 +94,10 @@ def train_clip(
     data_fingerprint: str = "",
     callbacks: Callbacks | None = None,
     device: torch.device | None = None,
+    loader: LoaderConfig = DEFAULT_LOADER,
 ) -> TrainResult:
-    """Train on uint8 (N, S, S, 3) images and their captions' token rows (memory-mapped is fine)."""
+    """Train on uint8 (N, S, S, 3) images and their captions' token rows (memory-mapped is fine), read in
+    ``loader.order`` (single process)."""
     if len(train_images) != len(train_tokens):
         raise ValueError(f"{len(train_images)} training images but token data for {len(train_tokens)}")
     callbacks = callbacks or Callbacks()
@@ -101,7 +105,8 @@ def train_clip(
     torch.manual_seed(seed)
     model = Clip(cfg, text_vocab, train_tokens.text_ids.shape[1], train_images.shape[1]).to(device)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.98))
-    config = resume_config(cfg, seed, data_fingerprint)
+    order = make_order(loader, train_tokens.shards, cfg.batch_size, seed)
+    config = resume_config(cfg, seed, data_fingerprint, loader)
     step, history, val_history = 0, [], []
     window = {"loss": 0.0, "accuracy": 0.0, "n": 0}
     stateful = {"model": model, "optimizer": optimizer}
@@ -118,9 +123,9 @@ def train_clip(
     while step < cfg.steps:
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        images = batch_indices(step, len(train_images), cfg.batch_size, seed)
-        rows = caption_rows(step, images, train_tokens.caption_offsets, cfg.batch_size, seed)
-        pixels = to_float_images(train_images[images], device)
+        picks = order.batch(step)
+        rows = caption_rows(picks, train_tokens.caption_offsets)
+        pixels = to_float_images(train_images[picks.images], device)
         with mixed_precision(device):
             logits, loss = model(pixels, *text_batch(train_tokens, rows, device))
         if not torch.isfinite(loss):

@@ -135,6 +135,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class LoaderConfig:
+    """How the trainers (dVAE, prior, reranker) read their split: see dalle/data/order.py."""
+
+    order: Literal["random", "stream"] = "random"
+    shuffle_block: int = 65536
+
+    def __post_init__(self):
+        _check(self.shuffle_block >= 1, "shuffle_block", f"must be >= 1 sample, got {self.shuffle_block}")
+
+
+@dataclass(frozen=True)
 class TokenizerConfig:
     vocab_size: int = 512
     text_len: int = 32
@@ -561,6 +572,7 @@ class Params:
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     dvae: DvaeConfig = field(default_factory=DvaeConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dalle.config import DvaeConfig
+from dalle.config import DvaeConfig, LoaderConfig
+from dalle.data.order import DEFAULT_LOADER, first_rows, loader_resume_config, make_order
 from dalle.dvae import DiscreteVAE
 from dalle.ema import Ema
 from dalle.pixels import bits_per_dim, to_float_images, unit_interval_nll
 from dalle.schedules import cosine, warmup_cosine
 from dalle.training import (
     adamw,
-    batch_indices,
     default_device,
     mixed_precision,
     restore_training_state,
@@ -41,10 +41,12 @@ class Callbacks:
     def on_images(self, step: int, grid: np.ndarray) -> None: ...
 
 
-def resume_config(cfg: DvaeConfig, seed: int, data_fingerprint: str) -> dict[str, Any]:
+def resume_config(
+    cfg: DvaeConfig, seed: int, data_fingerprint: str, loader: LoaderConfig = DEFAULT_LOADER
+) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
     config = {f"dvae.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in DvaeConfig.CADENCE_KEYS}
-    return {**config, "seed": seed, "data": data_fingerprint}
+    return {**config, "seed": seed, "data": data_fingerprint, **loader_resume_config(loader, 1)}
 
 
 @dataclasses.dataclass
@@ -73,17 +75,20 @@ def train_dvae(
     data_fingerprint: str = "",
     callbacks: Callbacks | None = None,
     device: torch.device | None = None,
+    loader: LoaderConfig = DEFAULT_LOADER,
 ) -> TrainResult:
-    """Train on uint8 (N, S, S, 3) arrays (memory-mapped is fine), the first ``cfg.train_images`` of
-    ``train_images`` when that is set."""
+    """Train on uint8 (N, S, S, 3) arrays (prepared shards or memory-mapped are fine), the first
+    ``cfg.train_images`` of ``train_images`` when that is set, read in ``loader.order``."""
     n_train = training_images(cfg, len(train_images))
+    shards = getattr(train_images, "shard_lengths", None) or (len(train_images),)  # a plain array is one shard
+    order = make_order(loader, first_rows(shards, n_train), cfg.batch_size, seed)
     callbacks = callbacks or Callbacks()
     device = device or default_device()
     torch.manual_seed(seed)
     model = DiscreteVAE(cfg).to(device)
     ema = Ema(model, cfg.ema_decay)
     optimizer = adamw(model, cfg.lr, cfg.weight_decay)
-    config = resume_config(cfg, seed, data_fingerprint)
+    config = resume_config(cfg, seed, data_fingerprint, loader)
     step, history, val_history = 0, [], []
     usage = torch.zeros(cfg.codebook_size, dtype=torch.long, device=device)  # codes seen this log window
     window = dict.fromkeys(WINDOW_KEYS, 0.0)  # sums of loss parts this log window
@@ -104,7 +109,7 @@ def train_dvae(
         beta = cosine(step, cfg.kl_warmup_steps, 0.0, cfg.kl_weight)
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        images = to_float_images(train_images[batch_indices(step, n_train, cfg.batch_size, seed)], device)
+        images = to_float_images(train_images[order.batch(step).images], device)
         with mixed_precision(device):
             loss, parts = model(images, tau=tau, kl_weight=beta)
         if not torch.isfinite(loss):

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from dalle.checkpoint import load_weights
 from dalle.config import COLOURS, SHAPES, EvalNetConfig
+from dalle.data.order import batch_indices
 from dalle.data.shapes import POSITIONS, SIZES
 from dalle.pixels import to_float_images
 from dalle.schedules import warmup_cosine
-from dalle.training import adamw, batch_indices, set_lr
+from dalle.training import adamw, set_lr
 
 HEADS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),

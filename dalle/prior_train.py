@@ -22,14 +22,14 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from dalle.config import PriorConfig
-from dalle.data.tokens import TokenSplit, caption_rows
+from dalle.config import LoaderConfig, PriorConfig
+from dalle.data.order import DEFAULT_LOADER, RandomOrder, StreamOrder, caption_rows, loader_resume_config, make_order
+from dalle.data.tokens import TokenSplit
 from dalle.prior import Prior, PriorGeometry, PriorLosses, text_targets
 from dalle.sampling import sample_image_tokens
 from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
-    batch_indices,
     default_device,
     mixed_precision,
     restore_training_state,
@@ -95,18 +95,27 @@ def to_batch(tokens: TokenSplit, images: np.ndarray, rows: np.ndarray, device: t
     )
 
 
-def training_batch(
-    tokens: TokenSplit, step: int, batch_size: int, seed: int, device: torch.device, null_text_prob: float = 0.0
-) -> Batch:
-    """This rank's share (every world-th pair) of global batch ``step``. With probability ``null_text_prob`` a
-    pair's caption is dropped (length 0: the all-pad text), which trains the unconditional model that
-    classifier-free guidance contrasts with the conditional one."""
+def training_order(
+    tokens: TokenSplit, batch_size: int, seed: int, loader: LoaderConfig = DEFAULT_LOADER
+) -> RandomOrder | StreamOrder:
+    """The order this rank reads ``tokens`` in (``loader.order``), for a global batch of ``batch_size``."""
     rank, size = world()
-    images = batch_indices(step, len(tokens), batch_size, seed)
-    rows = caption_rows(step, images, tokens.caption_offsets, batch_size, seed)
-    dropped = np.random.default_rng([seed, step, 2]).random(len(images)) < null_text_prob
-    batch = to_batch(tokens, images[rank::size], rows[rank::size], device)
-    keep = torch.from_numpy(~dropped[rank::size]).to(device)
+    return make_order(loader, tokens.shards, batch_size, seed, rank, size)
+
+
+def training_batch(
+    tokens: TokenSplit,
+    order: RandomOrder | StreamOrder,
+    step: int,
+    device: torch.device,
+    null_text_prob: float = 0.0,
+) -> Batch:
+    """This rank's share of global batch ``step``. With probability ``null_text_prob`` a pair's caption is dropped
+    (length 0: the all-pad text), which trains the unconditional model that classifier-free guidance contrasts
+    with the conditional one."""
+    picks = order.batch(step)
+    batch = to_batch(tokens, picks.images, caption_rows(picks, tokens.caption_offsets), device)
+    keep = torch.from_numpy(order.pair_draws(step, stream=2) >= null_text_prob).to(device)
     return batch._replace(text_lengths=batch.text_lengths * keep)
 
 
@@ -150,11 +159,18 @@ def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torc
     }
 
 
-def resume_config(cfg: PriorConfig, seed: int, geometry: PriorGeometry, data_fingerprint: str) -> dict[str, Any]:
+def resume_config(
+    cfg: PriorConfig,
+    seed: int,
+    geometry: PriorGeometry,
+    data_fingerprint: str,
+    loader: LoaderConfig = DEFAULT_LOADER,
+    world_size: int = 1,
+) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: everything that shapes the weights."""
     config = {f"prior.{k}": v for k, v in dataclasses.asdict(cfg).items() if k not in PriorConfig.CADENCE_KEYS}
     config.update({f"geometry.{k}": v for k, v in dataclasses.asdict(geometry).items()})
-    return {**config, "seed": seed, "data": data_fingerprint}
+    return {**config, "seed": seed, "data": data_fingerprint, **loader_resume_config(loader, world_size)}
 
 
 def train_prior(
@@ -168,10 +184,11 @@ def train_prior(
     callbacks: Callbacks | None = None,
     sample_text: tuple[Tensor, Tensor] | None = None,
     device: torch.device | None = None,
+    loader: LoaderConfig = DEFAULT_LOADER,
 ) -> TrainResult:
-    """Train on token arrays (memory-mapped is fine). ``sample_text`` (ids, lengths) are the captions sampled for
-    ``callbacks.on_samples`` every ``sample_every`` steps. Under torchrun, call on every rank; rank 0 alone calls
-    the callbacks and writes checkpoints, and ``batch_size`` is the global batch."""
+    """Train on token arrays (memory-mapped is fine), read in ``loader.order``. ``sample_text`` (ids, lengths) are
+    the captions sampled for ``callbacks.on_samples`` every ``sample_every`` steps. Under torchrun, call on every
+    rank; rank 0 alone calls the callbacks and writes checkpoints, and ``batch_size`` is the global batch."""
     rank, size = world()
     if cfg.batch_size % size:
         raise ValueError(f"prior.batch_size={cfg.batch_size} must be divisible by the {size} data-parallel processes")
@@ -187,7 +204,8 @@ def train_prior(
     if cfg.attn_impl == "flex":
         prior.use_compiled_flex()
     optimizer = adamw(prior, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
-    config = resume_config(cfg, seed, geometry, data_fingerprint)
+    order = training_order(train_tokens, cfg.batch_size, seed, loader)
+    config = resume_config(cfg, seed, geometry, data_fingerprint, loader, size)
     step, history, val_history = 0, [], []
     window = dict.fromkeys(WINDOW_KEYS, 0.0)
     stateful = {"model": prior, "optimizer": optimizer}
@@ -220,7 +238,7 @@ def train_prior(
         started = time.perf_counter()
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
-        batch = training_batch(train_tokens, step, cfg.batch_size, seed, device, cfg.null_text_prob)
+        batch = training_batch(train_tokens, order, step, device, cfg.null_text_prob)
         losses, global_text_count = training_losses(model, prior, batch)
         if not torch.isfinite(losses.loss):
             raise FloatingPointError(

@@ -1,5 +1,4 @@
-"""Plumbing shared by the training loops (dVAE, prior, reranker): device choice, batches that are a pure function
-of the step (so a resumed run sees exactly the batches an uninterrupted one would), AdamW parameter groups, RNG
+"""Plumbing shared by the training loops (dVAE, prior, reranker): device choice, AdamW parameter groups, RNG
 state, and checkpoints that save and restore a run, resumed only when made with the same weight-shaping config.
 """
 
@@ -8,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dalle.checkpoint import CheckpointMismatch, config_diff, load_checkpoint, save_checkpoint
@@ -21,18 +19,6 @@ def default_device() -> torch.device:
 def mixed_precision(device: torch.device):
     """The project's precision policy: bf16 autocast on CUDA, full precision elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def epoch_of(step: int, n_items: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batch position within it) of training batch ``step``; a partial last batch is dropped."""
-    return divmod(step, max(n_items // batch_size, 1))
-
-
-def batch_indices(step: int, n_items: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of training batch ``step``: epochs of seeded permutations."""
-    epoch, position = epoch_of(step, n_items, batch_size)
-    perm = np.random.default_rng([seed, epoch]).permutation(n_items)
-    return np.sort(perm[position * batch_size : (position + 1) * batch_size])  # sorted: sequential memmap reads
 
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:

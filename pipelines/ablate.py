@@ -118,7 +118,16 @@ def main(argv: list[str] | None = None) -> None:
         started = time.monotonic()
         callbacks = MlflowCallbacks()
         result = train_prior(
-            cfg, params.seed, geometry, train_tokens, val_tokens, checkpoint, fingerprint, callbacks, device=device
+            cfg,
+            params.seed,
+            geometry,
+            train_tokens,
+            val_tokens,
+            checkpoint,
+            fingerprint,
+            callbacks,
+            device=device,
+            loader=params.loader,
         )
         seconds = time.monotonic() - started
         captions, records = caption_set(args.prepared, params.ablation.n_captions)

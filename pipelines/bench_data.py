@@ -11,8 +11,8 @@ array the format replaced, and the ratio of peak RSS between the largest and sma
 with the dataset). Writes ``<out>/data.json``. Not a DVC stage: it takes minutes at 200k images.
 
 ``--loading data/tokens`` instead measures data loading's share of a prior training step at the ``prior`` size of
-params.yaml, with the token shards read through their memory-mapped view (no in-memory cache), into
-``<out>/data_loading.json``.
+params.yaml, with the token shards read through their memory-mapped view (no in-memory cache), in both
+``loader.order`` values, into ``<out>/data_loading.json``.
 """
 
 from __future__ import annotations
@@ -102,9 +102,11 @@ def _rss(process: psutil.Process) -> int:
 
 def loading_share(params_file: Path, tokens: Path, steps: int = 40) -> dict:
     """Data loading's share of a prior training step at the params' prior size, reading the token shards through
-    the memory-mapped view (no in-memory cache): batch ``step`` assembled alone, then a whole step with it."""
+    the memory-mapped view (no in-memory cache), in each ``loader.order``: batch ``step`` assembled alone, then a
+    whole step with it."""
+    from dalle.config import LoaderConfig
     from dalle.prior import Prior
-    from dalle.prior_train import geometry_of, training_batch, training_losses
+    from dalle.prior_train import geometry_of, training_batch, training_losses, training_order
     from dalle.training import adamw
 
     params = load_params(params_file)
@@ -113,27 +115,32 @@ def loading_share(params_file: Path, tokens: Path, steps: int = 40) -> dict:
     vocab = json.loads((tokens.parent / "prepared" / "tokenizer.json").read_text())["model"]["vocab"]
     codebook = json.loads((tokens.parent.parent / "models" / "dvae" / "config.json").read_text())["codebook_size"]
     geometry = geometry_of(train, len(vocab), codebook)
-    prior = Prior(cfg, geometry)
-    optimizer = adamw(prior, cfg.lr, cfg.weight_decay)
     cpu = torch.device("cpu")
-    data_seconds, step_seconds = [], []
-    for step in range(steps):
-        started = time.perf_counter()
-        batch = training_batch(train, step, cfg.batch_size, params.seed, cpu)
-        loaded = time.perf_counter()
-        losses, _ = training_losses(prior, prior, batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
-        optimizer.step()
-        data_seconds.append(loaded - started)
-        step_seconds.append(time.perf_counter() - started)
-    data, total = float(np.median(data_seconds[5:])), float(np.median(step_seconds[5:]))  # after warm-up
-    return {
-        "token_view": type(train.image_tokens).__name__,
-        "data_ms": round(1000 * data, 3),
-        "step_ms": round(1000 * total, 1),
-        "data_share": round(data / total, 5),
-    }
+    result = {"token_view": type(train.image_tokens).__name__, "shards": len(train.shards)}
+    for order_name in ("random", "stream"):
+        loader = LoaderConfig(order=order_name, shuffle_block=params.loader.shuffle_block)
+        order = training_order(train, cfg.batch_size, params.seed, loader)
+        torch.manual_seed(params.seed)
+        prior = Prior(cfg, geometry)
+        optimizer = adamw(prior, cfg.lr, cfg.weight_decay)
+        data_seconds, step_seconds = [], []
+        for step in range(steps):
+            started = time.perf_counter()
+            batch = training_batch(train, order, step, cpu)
+            loaded = time.perf_counter()
+            losses, _ = training_losses(prior, prior, batch)
+            optimizer.zero_grad(set_to_none=True)
+            losses.loss.backward()
+            optimizer.step()
+            data_seconds.append(loaded - started)
+            step_seconds.append(time.perf_counter() - started)
+        data, total = float(np.median(data_seconds[5:])), float(np.median(step_seconds[5:]))  # after warm-up
+        result[order_name] = {
+            "data_ms": round(1000 * data, 3),
+            "step_ms": round(1000 * total, 1),
+            "data_share": round(data / total, 5),
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

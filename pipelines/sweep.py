@@ -146,9 +146,14 @@ def objective(trial: optuna.Trial, args: argparse.Namespace, params: Params, par
             reporter = Reporter(trial, OBJECTIVE[args.target], prune=prune)
             started = time.monotonic()
             if args.target == "dvae":
-                result = train_dvae(cfg, params.seed, data["train"], data["val"], callbacks=reporter)
+                result = train_dvae(
+                    cfg, params.seed, data["train"], data["val"], callbacks=reporter, loader=params.loader
+                )
             else:
-                result = train_prior(cfg, params.seed, data["geometry"], data["train"], data["val"], callbacks=reporter)
+                geometry = data["geometry"]
+                result = train_prior(
+                    cfg, params.seed, geometry, data["train"], data["val"], callbacks=reporter, loader=params.loader
+                )
             seconds = time.monotonic() - started
             loss = result.final[OBJECTIVE[args.target]]
             if not math.isfinite(loss):

@@ -16,7 +16,7 @@ import mlflow
 from dalle.checkpoint import save_weights
 from dalle.clip import Clip
 from dalle.clip_train import Callbacks, TrainResult, train_clip
-from dalle.config import ClipConfig, Params
+from dalle.config import ClipConfig, LoaderConfig, Params
 from dalle.data.store import Split, load_split
 from dalle.data.tokens import TokenSplit, load_tokens
 from dalle.text import TextTokenizer
@@ -61,9 +61,11 @@ class ContrastiveData:
         )
 
 
-def fit(cfg: ClipConfig, seed: int, data: ContrastiveData, checkpoint: Path) -> tuple[TrainResult, float]:
-    """Train (or resume) a contrastive model on ``data`` with curves to the active MLflow run; returns the result
-    and the seconds this run took."""
+def fit(
+    cfg: ClipConfig, seed: int, data: ContrastiveData, checkpoint: Path, loader: LoaderConfig
+) -> tuple[TrainResult, float]:
+    """Train (or resume) a contrastive model on ``data``, read in ``loader.order``, with curves to the active
+    MLflow run; returns the result and the seconds this run took."""
     started = time.monotonic()
     result = train_clip(
         cfg,
@@ -76,6 +78,7 @@ def fit(cfg: ClipConfig, seed: int, data: ContrastiveData, checkpoint: Path) -> 
         checkpoint,
         data.fingerprint,
         MlflowCallbacks(),
+        loader=loader,
     )
     return result, time.monotonic() - started
 
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = params.clip
     data = ContrastiveData.load(params, args.prepared, args.tokens)
     with training_run("train_clip", params, args.checkpoint, cfg.resume) as run:
-        result, seconds = fit(cfg, params.seed, data, args.checkpoint)
+        result, seconds = fit(cfg, params.seed, data, args.checkpoint, params.loader)
         model = result.model
         config = {**dataclasses.asdict(cfg), **model_dims(model)}
         save_weights(model, args.models, config)

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             args.checkpoint,
             data_fingerprint(args.prepared),
             MlflowCallbacks(),
+            loader=params.loader,
         )
         seconds = time.monotonic() - started
         save_weights(result.model, args.models, {**dataclasses.asdict(cfg), "image_size": params.data.image_size})

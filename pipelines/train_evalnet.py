@@ -115,7 +115,7 @@ def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, 
     test = load_split(args.prepared, "test", params.data.cache_mb * 2**20)
     with training_run("train_evalnet", params, args.checkpoint, cfg.resume):
         shutil.rmtree(args.models, ignore_errors=True)
-        result, seconds = fit(cfg, seed, data, args.checkpoint)
+        result, seconds = fit(cfg, seed, data, args.checkpoint, params.loader)
         model = result.model
         config = {"kind": KIND_CLIP, **dataclasses.asdict(cfg), "seed": seed, **model_dims(model)}
         save_weights(model, args.models, config)

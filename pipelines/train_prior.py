@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
                 callbacks,
                 sample_text=(ids, lengths),
                 device=device,
+                loader=params.loader,
             )
             seconds = time.monotonic() - started
             if rank != 0:

@@ -15,14 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_prior_train import STEP, ddp_setup  # noqa: E402
 
-from dalle.prior_train import training_batch, training_losses  # noqa: E402
+from dalle.prior_train import training_batch, training_losses, training_order  # noqa: E402
 
 
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     prior, tokens, batch_size = ddp_setup()
     model = DistributedDataParallel(prior)
-    batch = training_batch(tokens, STEP, batch_size, seed=0, device=torch.device("cpu"))
+    order = training_order(tokens, batch_size, seed=0)  # this rank's share of each global batch
+    batch = training_batch(tokens, order, STEP, device=torch.device("cpu"))
     losses, _ = training_losses(model, prior, batch)
     losses.loss.backward()
     grads = {name: p.grad.contiguous() for name, p in prior.named_parameters()}

@@ -12,7 +12,7 @@ import torch
 from dalle.checkpoint import load_checkpoint, save_weights
 from dalle.clip import Clip, load_clip
 from dalle.clip_train import Callbacks, recall_at, train_clip
-from dalle.config import COLOURS, ClipConfig
+from dalle.config import COLOURS, ClipConfig, LoaderConfig
 from dalle.data.tokens import TokenSplit
 
 CFG = ClipConfig(
@@ -97,14 +97,16 @@ class Stop(Callbacks):
             raise KeyboardInterrupt
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("loader", [LoaderConfig(), LoaderConfig(order="stream", shuffle_block=12)])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, loader):
     images, tokens = colour_data(64)
+    tokens = dataclasses.replace(tokens, shard_lengths=(30, 34))
     val = colour_data(32, seed=1)
-    reference = train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "a.pt")
+    reference = train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "a.pt", loader=loader)
     with pytest.raises(KeyboardInterrupt):
-        train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "b.pt", callbacks=Stop())
+        train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "b.pt", callbacks=Stop(), loader=loader)
     assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
-    resumed = train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "b.pt")
+    resumed = train_clip(CFG, 0, VOCAB, images, tokens, *val, tmp_path / "b.pt", loader=loader)
     for name, tensor in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     with pytest.raises(ValueError, match=r"clip.lr: 0.003 -> 0.01.*clip.resume: false"):

@@ -104,6 +104,8 @@ def _delete(path: str):
         (_set("data.image_quality", 101), "data.image_quality", "1..100"),
         (_set("data.shard_size", 0), "data.shard_size", ">= 1"),
         (_set("data.cache_mb", -1), "data.cache_mb", ">= 0"),
+        (_set("loader.order", "sequential"), "loader.order", "random"),
+        (_set("loader.shuffle_block", 0), "loader.shuffle_block", ">= 1"),
         (_set("tokenizer.vocab_size", 100), "tokenizer.vocab_size", "> 256"),
         (_set("tokenizer.text_len", 0), "tokenizer.text_len", ">= 1"),
         (_set("dvae.downsample", 3), "dvae.downsample", "power of two"),

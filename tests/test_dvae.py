@@ -13,13 +13,13 @@ import torch
 from scipy import integrate
 
 from dalle.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint, save_weights
-from dalle.config import DataConfig, DvaeConfig
+from dalle.config import DataConfig, DvaeConfig, LoaderConfig
+from dalle.data.order import batch_indices
 from dalle.data.shapes import iter_shapes
 from dalle.dvae import DiscreteVAE, load_dvae
 from dalle.dvae_train import Callbacks, evaluate, train_dvae
 from dalle.pixels import LOGIT_LAPLACE_EPS, logit_laplace_nll, map_pixels, unmap_pixels
 from dalle.schedules import cosine, warmup_cosine
-from dalle.training import batch_indices
 
 TINY = DvaeConfig(
     recon_loss="logit_laplace",
@@ -216,6 +216,21 @@ def test_train_images_trains_on_the_first_n_only(shapes16):
     assert max(recorded.rows) >= 16 and len(recorded.rows) == 48  # null: all 48
     with pytest.raises(ValueError, match="dvae.train_images is 49 but there are only 48 training images"):
         train_dvae(dataclasses.replace(TINY, train_images=49), 0, train, val)
+
+
+def test_stream_order_reads_one_shuffle_window_of_one_shard_at_a_time(shapes16):
+    train, val = shapes16
+    stream = LoaderConfig(order="stream", shuffle_block=8)
+    recorded = RecordedRows(train)
+    recorded.shard_lengths = (10, 10, 28)  # as prepared ImageShards report them
+    train_dvae(dataclasses.replace(TINY, steps=1), 0, recorded, val, loader=stream)
+    rows = sorted(recorded.rows)
+    assert len(rows) == 8 and rows[-1] - rows[0] == 7  # the first 8 rows of the first shard dealt
+    assert rows[0] in (0, 10, 20)
+    recorded = RecordedRows(train)
+    recorded.shard_lengths = (10, 10, 28)
+    train_dvae(dataclasses.replace(TINY, train_images=16, steps=2), 0, recorded, val, loader=stream)
+    assert recorded.rows == set(range(16))  # the prefix only: shards cut to (10, 6)
 
 
 def test_checkpoints_load_weights_only(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -119,6 +120,23 @@ def test_train_prior_writes_model_reports_and_mlflow_run(tmp_path, upstream, mlf
     assert [m.step for m in history["val_text_nll"]] == [3, 6]
     assert run.data.params["prior.schedule"] == "paper"
     assert len(client.list_artifacts(run.info.run_id, "images")) >= 2, "a sample grid at steps 3 and 6"
+
+
+def test_train_prior_reads_in_the_configured_loader_order(tmp_path, upstream, mlflow_store):
+    params = prior_params(tmp_path, "test-prior-stream")
+    raw = yaml.safe_load(params.read_text())
+    raw["loader"].update(order="stream", shuffle_block=16)
+    params.write_text(yaml.safe_dump(raw))
+    args = prior_args(tmp_path, params, upstream)
+    args[args.index("--checkpoint") + 1] = str(tmp_path / "ckpt" / "stream.pt")
+    train_prior.main(args)
+    (run,) = runs(MlflowClient(mlflow_store), "test-prior-stream")
+    assert run.data.params["loader.order"] == "stream" and run.data.params["loader.shuffle_block"] == "16"
+    streamed = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    (tmp_path / "random").mkdir()
+    train_prior.main(prior_args(tmp_path / "random", prior_params(tmp_path / "random", "x"), upstream))
+    shuffled = json.loads((tmp_path / "random" / "reports" / "metrics.json").read_text())
+    assert math.isfinite(streamed["val_image_bits"]) and streamed["val_image_bits"] != shuffled["val_image_bits"]
 
 
 def test_resumes_after_a_kill_into_the_same_mlflow_run(tmp_path, upstream, mlflow_store, monkeypatch):

@@ -4,6 +4,7 @@ loss, compiled flex attention trains like dense, and data-parallel gradients equ
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -17,8 +18,9 @@ from safetensors.torch import load_file
 
 from dalle import prior_train
 from dalle.checkpoint import CheckpointMismatch, load_checkpoint, save_weights
-from dalle.config import PriorConfig
-from dalle.data.tokens import TokenSplit, caption_rows
+from dalle.config import LoaderConfig, PriorConfig
+from dalle.data.order import RandomOrder, StreamOrder
+from dalle.data.tokens import FORMAT, INDEX_FILE, TokenSplit, load_tokens
 from dalle.prior import Prior, PriorGeometry, load_prior, text_targets
 from dalle.prior_train import Callbacks, train_prior, training_batch, training_losses
 
@@ -41,6 +43,28 @@ def colour_tokens(n_images: int, seed: int = 0) -> TokenSplit:
             text_ids[row, : lengths[row]] = rng.integers(9, GEOMETRY.text_vocab, lengths[row])
             text_ids[row, 0] = codes[image] + 1
     return TokenSplit(image_tokens.astype(np.uint16), text_ids, lengths, offsets)
+
+
+def write_token_shards(root: Path, split: str, tokens: TokenSplit, lengths: list[int]) -> None:
+    """``tokens`` as the encode stage publishes them: one directory of arrays per shard of ``lengths`` images."""
+    shards, start = [], 0
+    for number, length in enumerate(lengths):
+        name, stop = f"shard-{number:05d}", start + length
+        first, last = tokens.caption_offsets[start], tokens.caption_offsets[stop]
+        arrays = {
+            "image_tokens": tokens.image_tokens[start:stop],
+            "text_ids": tokens.text_ids[first:last],
+            "text_lengths": tokens.text_lengths[first:last],
+            "caption_offsets": tokens.caption_offsets[start : stop + 1] - first,
+        }
+        (root / split / name).mkdir(parents=True)
+        for array_name, array in arrays.items():
+            np.save(root / split / name / f"{array_name}.npy", array)
+        shards.append({"name": name, "images": length, "captions": int(last - first), "truncated": 0})
+        start = stop
+    index = {"format": FORMAT, "grid": GEOMETRY.grid, "text_len": GEOMETRY.text_len, "image_dtype": "uint16"}
+    index.update(images=start, captions=int(tokens.caption_offsets[start]), truncated=0, shards=shards)
+    (root / split / INDEX_FILE).write_text(json.dumps(index))
 
 
 def tiny_cfg(**overrides) -> PriorConfig:
@@ -70,28 +94,16 @@ def ddp_setup() -> tuple[Prior, TokenSplit, int]:
     return Prior(cfg, GEOMETRY), colour_tokens(64, seed=5), 8
 
 
-def test_caption_rows_draw_one_of_each_images_captions_per_epoch():
-    tokens = colour_tokens(50)
-    offsets = tokens.caption_offsets
-    images = np.arange(50)
-    rows = caption_rows(0, images, offsets, batch_size=10, seed=0)
-    assert ((rows >= offsets[:-1]) & (rows < offsets[1:])).all()
-    np.testing.assert_array_equal(rows, caption_rows(4, images, offsets, batch_size=10, seed=0))  # same epoch
-    later = np.stack([caption_rows(5 * epoch, images, offsets, 10, 0) for epoch in range(30)])
-    several = np.flatnonzero(np.diff(offsets) > 1)
-    # Over 30 epochs every image with several captions is shown with more than one of them.
-    assert all(len(set(later[:, image])) > 1 for image in several)
-
-
 def test_null_text_drops_captions_at_the_given_rate_reproducibly():
     tokens, cpu = colour_tokens(2000), torch.device("cpu")
-    batch = training_batch(tokens, 2, 1000, seed=0, device=cpu, null_text_prob=0.25)
-    plain = training_batch(tokens, 2, 1000, seed=0, device=cpu)
+    order = RandomOrder(len(tokens), 1000, seed=0)
+    batch = training_batch(tokens, order, 2, device=cpu, null_text_prob=0.25)
+    plain = training_batch(tokens, order, 2, device=cpu)
     dropped = batch.text_lengths == 0
     assert 0.21 < dropped.float().mean().item() < 0.29 and (plain.text_lengths > 0).all()
     torch.testing.assert_close(batch.text_lengths[~dropped], plain.text_lengths[~dropped])
     torch.testing.assert_close(batch.image_tokens, plain.image_tokens)
-    again = training_batch(tokens, 2, 1000, seed=0, device=cpu, null_text_prob=0.25)
+    again = training_batch(tokens, order, 2, device=cpu, null_text_prob=0.25)
     torch.testing.assert_close(again.text_lengths, batch.text_lengths)
 
 
@@ -124,20 +136,36 @@ class Recorder(Callbacks):
         self.samples.append((step, image_tokens))
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    train, val = colour_tokens(64), colour_tokens(40, seed=1)
+STREAM = LoaderConfig(order="stream", shuffle_block=10)
+
+
+@pytest.mark.parametrize("loader", [LoaderConfig(), STREAM], ids=["random", "stream"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, loader):
+    train, val = dataclasses.replace(colour_tokens(64), shard_lengths=(20, 20, 24)), colour_tokens(40, seed=1)
     sample_text = (torch.tensor(val.text_ids[:2], dtype=torch.long), torch.tensor(val.text_lengths[:2]).long())
     whole = Recorder()
-    reference = train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "a.pt", "d", whole, sample_text)
+    reference = train_prior(
+        tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "a.pt", "d", whole, sample_text, loader=loader
+    )
     with pytest.raises(KeyboardInterrupt):
-        train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "b.pt", "d", Recorder(stop_at=8))
+        train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "b.pt", "d", Recorder(stop_at=8), loader=loader)
     assert load_checkpoint(tmp_path / "b.pt")["step"] == 6  # killed at the step-8 log, before its checkpoint
-    resumed = train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "b.pt", "d", Recorder(), sample_text)
+    resumed = train_prior(
+        tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "b.pt", "d", Recorder(), sample_text, loader=loader
+    )
     for name, tensor in reference.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
     assert [r["step"] for r in resumed.history] == [4, 8, 12]
     assert resumed.val_history == reference.val_history
     assert [step for step, _ in whole.samples] == [6, 12] and whole.samples[0][1].shape == (2, 3, 3)
+
+
+def test_a_stream_checkpoint_resumes_only_in_the_same_order(tmp_path):
+    train, val = dataclasses.replace(colour_tokens(64), shard_lengths=(20, 20, 24)), colour_tokens(40, seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "s.pt", "d", Recorder(stop_at=4), loader=STREAM)
+    with pytest.raises(CheckpointMismatch, match=r"loader\.order.*prior\.resume: false"):
+        train_prior(tiny_cfg(), 0, GEOMETRY, train, val, tmp_path / "s.pt", "d")
 
 
 def test_refuses_a_checkpoint_made_with_other_weights_shaping_params(tmp_path):
@@ -210,7 +238,7 @@ def test_flex_trains_like_dense_on_cuda():
 
 def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
     prior, tokens, batch_size = ddp_setup()
-    batch = training_batch(tokens, STEP, batch_size, seed=0, device=torch.device("cpu"))
+    batch = training_batch(tokens, RandomOrder(len(tokens), batch_size, seed=0), STEP, device=torch.device("cpu"))
     # The shards have different numbers of text targets: a plain per-rank mean would weight them wrongly.
     halves = [text_targets(batch.text_lengths[rank::2]).item() for rank in range(2)]
     assert halves[0] != halves[1], halves
@@ -226,3 +254,27 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
         grads = load_file(str(tmp_path / f"rank{rank}.safetensors"))
         for name, param in prior.named_parameters():
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank}: {name}")
+
+
+def test_streaming_ranks_read_disjoint_shards_while_training(tmp_path):
+    """Two gloo processes train with ``loader.order: stream`` on token shards memory-mapped from disk (no
+    in-memory cache); each records the shards it opened."""
+    write_token_shards(tmp_path / "tokens", "train", colour_tokens(60), [10] * 6)
+    write_token_shards(tmp_path / "tokens", "val", colour_tokens(40, seed=1), [40])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    script = str(Path(__file__).with_name("stream_ranks.py"))
+    result = subprocess.run([*command, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    read = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for rank in range(2):
+        dealt = StreamOrder([10] * 6, 8, seed=0, rank=rank, world=2).rank_shards(0).tolist()  # 30 images each
+        # 4 steps x 4 pairs stay in epoch 0: a rank opens only shards dealt to it, image and caption arrays alike.
+        assert read[rank]["image_tokens"] and set(read[rank]["image_tokens"]) <= set(dealt)
+        assert read[rank]["text_ids"] == read[rank]["image_tokens"]
+    assert not set(read[0]["image_tokens"]) & set(read[1]["image_tokens"])
+    # The order depends on the world size, so a single process refuses the two-process checkpoint.
+    train, val = load_tokens(tmp_path / "tokens", "train"), load_tokens(tmp_path / "tokens", "val")
+    cfg = tiny_cfg(steps=6, batch_size=8)
+    with pytest.raises(CheckpointMismatch, match="world_size: 2 -> 1"):
+        train_prior(cfg, 0, GEOMETRY, train, val, tmp_path / "last.pt", "d", loader=STREAM)

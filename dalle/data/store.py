@@ -165,6 +165,7 @@ class ImageShards:
         self.shape = (len(members), size, size, 3)
         self.index_shards = index["shards"]
         self.shard_names = [shard["name"] for shard in index["shards"]]
+        self.shard_lengths = tuple(shard["samples"] for shard in index["shards"])  # images per shard, in row order
         self._maps: dict[int, mmap.mmap] = {}
         self._cache: np.ndarray | None = None
         self._cacheable = int(np.prod(self.shape)) <= cache_bytes

@@ -35,7 +35,7 @@ from dalle.data.store import Split
 from dalle.dvae import DiscreteVAE
 from dalle.pixels import to_float_images
 from dalle.text import TextTokenizer
-from dalle.training import epoch_of, mixed_precision
+from dalle.training import mixed_precision
 
 FORMAT = "dalle-token-shards/1"
 INDEX_FILE = "index.json"
@@ -59,6 +59,7 @@ class ShardedRows(np.lib.mixins.NDArrayOperatorsMixin):
         self.shape = (int(self.starts[-1]), *row_shape)
         self.dtype = np.dtype(dtype)
         self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.shards_read: set[int] = set()  # every shard opened so far (what a rank streaming its own shards touched)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -82,6 +83,7 @@ class ShardedRows(np.lib.mixins.NDArrayOperatorsMixin):
                 "rerun the encode stage"
             )
         self._maps[shard] = array
+        self.shards_read.add(shard)
         if len(self._maps) > OPEN_SHARDS:
             self._maps.popitem(last=False)
         return array
@@ -134,9 +136,14 @@ class TokenSplit:
     text_ids: np.ndarray | ShardedRows  # (M, text_len)
     text_lengths: np.ndarray | ShardedRows  # (M,)
     caption_offsets: np.ndarray  # (N + 1,) int64, in memory
+    shard_lengths: tuple[int, ...] = ()  # images per token shard (= per prepared shard); () for one shard
 
     def __len__(self) -> int:
         return len(self.image_tokens)
+
+    @property
+    def shards(self) -> tuple[int, ...]:
+        return self.shard_lengths or (len(self),)
 
 
 @dataclass(frozen=True)
@@ -226,6 +233,7 @@ def load_tokens(root: str | Path, split: str, cache_bytes: int = DEFAULT_CACHE_B
         text_ids=rows("text_ids", "captions", (text_len,), np.dtype(np.int32)),
         text_lengths=rows("text_lengths", "captions", (), np.dtype(np.int32)),
         caption_offsets=np.concatenate(offsets),
+        shard_lengths=tuple(shard["images"] for shard in shards),
     )
 
 
@@ -236,12 +244,3 @@ def code_counts(tokens: TokenSplit, codebook_size: int, chunk: int = 65536) -> n
         block = np.asarray(tokens.image_tokens[start : start + chunk]).ravel().astype(np.int64)
         counts += np.bincount(block, minlength=codebook_size)
     return counts
-
-
-def caption_rows(step: int, images: np.ndarray, offsets: np.ndarray, batch_size: int, seed: int) -> np.ndarray:
-    """Rows of ``text_ids`` paired with ``images`` at batch ``step``: one caption per image per epoch."""
-    n_images = len(offsets) - 1
-    epoch, _ = epoch_of(step, n_images, batch_size)
-    draws = np.random.default_rng([seed, epoch, 1]).random(n_images)[images]  # the whole epoch's draw, indexed
-    counts = offsets[images + 1] - offsets[images]
-    return offsets[images] + np.floor(draws * counts).astype(np.int64)
