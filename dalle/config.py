@@ -253,11 +253,17 @@ class PriorConfig:
     samples: int = 8
     checkpoint_every: int = 100
     resume: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    micro_batch_size: int | None = None
 
-    # Keys that change only what is logged, saved, or which kernel computes the same attention; a checkpoint
-    # may be resumed across changes to these.
+    # Keys that change only what is logged, saved, which kernel computes the same attention, or how the same
+    # step is laid out over processes and memory; a checkpoint may be resumed across changes to these.
     CADENCE_KEYS = (
         "attn_impl",
+        "parallel",
+        "activation_checkpointing",
+        "micro_batch_size",
         "val_images",
         "log_every",
         "val_every",
@@ -302,6 +308,11 @@ class PriorConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.grad_clip > 0, "grad_clip", f"must be > 0 (max gradient norm), got {self.grad_clip}")
+        _check(
+            self.micro_batch_size is None or self.micro_batch_size >= 1,
+            "micro_batch_size",
+            f"must be null (the whole per-process batch at once) or >= 1, got {self.micro_batch_size}",
+        )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
 
 from dalle.checkpoint import load_weights
 from dalle.config import PriorConfig
@@ -237,12 +238,16 @@ class Prior(nn.Module):
         """Run the blocks on positions ``start .. start + L - 1`` (start = cache.length, else 0); final LN."""
         start, end = (cache.length, cache.length + x.shape[1]) if cache is not None else (0, x.shape[1])
         x = self.dropout(x)
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
             if cache is None:
                 mask = self._mask(block.kind, x.device)
             else:  # one row of the layer's mask per new query, over every key so far
                 mask = getattr(self, f"mask_{block.kind}")[start:end, :end]  # (L, end)
-            x = block(x, mask, cache, layer)
+            if recompute and cache is None:  # keep only the block's input; rerun it in backward
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, layer)
         if cache is not None:
             cache.length = end
         return self.ln_final(x)

@@ -1,7 +1,9 @@
 """Training loop of the transformer prior (Ramesh et al. 2021, §2.2, Appendix B.2): AdamW with warm-up and cosine
-decay, global-norm gradient clipping, bf16 autocast on CUDA, atomic checkpoints with exact resume, and data
-parallelism when ``torch.distributed`` is initialised (``torchrun``): every rank takes an equal share of each
-global batch and DDP averages their gradients. Knows nothing of trackers: logging hooks in via callbacks.
+decay, global-norm gradient clipping, bf16 autocast on CUDA, atomic checkpoints with exact resume, gradient
+accumulation over micro-batches, optional activation checkpointing, and data parallelism when
+``torch.distributed`` is initialised (``torchrun``): every rank takes an equal share of each global batch, and DDP
+or FSDP2 (``prior.parallel``, ``dalle/parallel.py``) averages their gradients. Knows nothing of trackers: logging
+hooks in via callbacks.
 
 Each epoch draws one caption per image (§2.2 trains on one of an image's captions at a time), as a pure
 function of (seed, epoch), so resumed and data-parallel runs see the same (image, caption) pairs.
@@ -11,20 +13,32 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from dalle.checkpoint import CheckpointMismatch, config_diff
 from dalle.config import LoaderConfig, PriorConfig
 from dalle.data.order import DEFAULT_LOADER, RandomOrder, StreamOrder, caption_rows, loader_resume_config, make_order
 from dalle.data.tokens import TokenSplit
+from dalle.parallel import (
+    full_state,
+    full_value,
+    gradient_sync,
+    is_sharded,
+    load_sharded,
+    read_progress,
+    save_sharded,
+    sharded_path,
+    world,
+    wrap,
+)
 from dalle.prior import Prior, PriorGeometry, PriorLosses, text_targets
 from dalle.sampling import sample_image_tokens
 from dalle.schedules import warmup_cosine
@@ -32,7 +46,9 @@ from dalle.training import (
     adamw,
     default_device,
     mixed_precision,
+    restore_rng,
     restore_training_state,
+    rng_state,
     save_training_state,
     set_lr,
 )
@@ -66,17 +82,21 @@ class TrainResult:
     val_history: list[dict[str, float]]  # validation rows every val_every steps
 
 
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def all_reduce_sum(values: Tensor) -> Tensor:
     if world()[1] > 1:
-        dist.all_reduce(values)
+        torch.distributed.all_reduce(values)
     return values
+
+
+def check_resumable(progress: dict[str, Any], config: dict[str, Any], where: Path) -> dict[str, Any]:
+    """``progress`` of a sharded checkpoint, if it was made with ``config``."""
+    diff = config_diff(progress["config"], config)
+    if diff:
+        raise CheckpointMismatch(
+            f"checkpoint {where} was made with a different config: {'; '.join(diff)}. "
+            "Restore those values, or set prior.resume: false to start fresh."
+        )
+    return progress
 
 
 def geometry_of(tokens: TokenSplit, text_vocab: int, image_vocab: int) -> PriorGeometry:
@@ -119,15 +139,36 @@ def training_batch(
     return batch._replace(text_lengths=batch.text_lengths * keep)
 
 
-def training_losses(model: torch.nn.Module, prior: Prior, batch: Batch) -> tuple[PriorLosses, Tensor]:
-    """Losses of this rank's share, normalised so that DDP's gradient average equals the gradient of the loss of
-    the whole global batch (text targets differ per rank, so each rank divides by the global count / world).
-    Returns the losses and the global number of text targets."""
+def global_text_count(batch: Batch) -> Tensor:
+    """Text targets of the whole global batch (every rank's share of it)."""
+    return all_reduce_sum(text_targets(batch.text_lengths).double().reshape(1))[0]
+
+
+def training_losses(
+    model: torch.nn.Module, prior: Prior, batch: Batch, global_count: Tensor | None = None, share: float = 1.0
+) -> tuple[PriorLosses, Tensor]:
+    """Losses of this rank's share, normalised so that the ranks' gradient average (DDP, FSDP) equals the gradient
+    of the loss of the whole global batch (text targets differ per rank, so each rank divides by the global count
+    / world). ``batch`` may be a micro-batch holding ``share`` of this rank's pairs (``global_count`` then comes
+    from the whole share): its image term is weighted by ``share``, so the micro-batches' gradients sum to the
+    whole share's. Returns the losses (``loss`` is what to backpropagate) and the global number of text targets."""
     _, size = world()
-    global_count = all_reduce_sum(text_targets(batch.text_lengths).double().reshape(1))[0]
+    if global_count is None:
+        global_count = global_text_count(batch)
     with mixed_precision(batch.image_tokens.device):
         logits, _ = model(*batch)
-    return prior.losses(logits, *batch, text_count=global_count / size), global_count
+    losses = prior.losses(logits, *batch, text_count=global_count / size)
+    if share != 1.0:
+        w = prior.cfg.text_loss_weight
+        losses = losses._replace(loss=w * losses.text_nll + (1 - w) * losses.image_nll * share)
+    return losses, global_count
+
+
+def micro_batches(batch: Batch, size: int | None) -> list[Batch]:
+    """``batch`` cut into consecutive micro-batches of ``size`` pairs (the last may be smaller); None: whole."""
+    if size is None or size >= len(batch.text_ids):
+        return [batch]
+    return [Batch(*(t[start : start + size] for t in batch)) for start in range(0, len(batch.text_ids), size)]
 
 
 @torch.no_grad()
@@ -139,8 +180,13 @@ def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torc
     n_images = min(n_images, len(tokens))
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # text CE, text targets, image CE, image tokens
     shard = np.arange(n_images)[rank::size]
-    for start in range(0, len(shard), batch_size):
+    batches = -(-len(np.arange(n_images)[0::size]) // batch_size)  # rank 0 has the most: every rank runs as many
+    for start in range(0, batches * batch_size, batch_size):
         images = shard[start : start + batch_size]
+        if not len(images):  # a sharded model's forward is a collective: take part, count nothing
+            with mixed_precision(device):
+                prior(*to_batch(tokens, np.zeros(1, np.int64), tokens.caption_offsets[:1], device))
+            continue
         batch = to_batch(tokens, images, tokens.caption_offsets[images], device)
         with mixed_precision(device):
             logits, _ = prior(*batch)
@@ -203,32 +249,63 @@ def train_prior(
     prior = Prior(cfg, geometry).to(device)
     if cfg.attn_impl == "flex":
         prior.use_compiled_flex()
+    # DDP wraps the prior (and broadcasts rank 0's weights); FSDP shards it in place: build the optimizer after.
+    model = wrap(prior, prior.blocks, cfg.parallel, device)
     optimizer = adamw(prior, cfg.lr, cfg.weight_decay, betas=(0.9, 0.95))
     order = training_order(train_tokens, cfg.batch_size, seed, loader)
     config = resume_config(cfg, seed, geometry, data_fingerprint, loader, size)
     step, history, val_history = 0, [], []
     window = dict.fromkeys(WINDOW_KEYS, 0.0)
     stateful = {"model": prior, "optimizer": optimizer}
-    state = restore_training_state(checkpoint_path, config, "prior", stateful, device) if cfg.resume else None
+    sharded_dir = sharded_path(checkpoint_path) if checkpoint_path is not None else None
+    state = None
+    if cfg.resume and sharded_dir is not None and (progress := read_progress(sharded_dir)) is not None:
+        state = check_resumable(progress, config, sharded_dir)
+        load_sharded(Path(progress["directory"]), prior, optimizer)  # re-sharded to this world size
+        restore_rng(state, device)
+    elif cfg.resume and is_sharded(model) and checkpoint_path.is_file():
+        raise CheckpointMismatch(
+            f"checkpoint {checkpoint_path} was written without FSDP (one file, not a sharded directory); resume it "
+            "with prior.parallel: ddp, or set prior.resume: false to start fresh"
+        )
+    elif cfg.resume:
+        state = restore_training_state(checkpoint_path, config, "prior", stateful, device)
     if state is not None:
         step, history, val_history, window = state["step"], state["history"], state["val_history"], state["window"]
-    # Without torch.distributed the model is used as is; DDP broadcasts rank 0's weights at construction.
-    model = prior
-    if size > 1:
-        model = DistributedDataParallel(prior, device_ids=[device] if device.type == "cuda" else None)
 
     def checkpoint() -> None:
-        if rank == 0:
-            progress = {"step": step, "history": history, "val_history": val_history, "window": window}
+        if checkpoint_path is None:
+            return
+        progress = {"step": step, "history": history, "val_history": val_history, "window": window}
+        if is_sharded(model):  # every rank writes its shards
+            save_sharded(sharded_dir, prior, optimizer, {**progress, "config": config, **rng_state(device)})
+            if rank == 0:
+                checkpoint_path.unlink(missing_ok=True)
+        elif rank == 0:
             save_training_state(checkpoint_path, config, stateful, device, **progress)
+            shutil.rmtree(sharded_dir, ignore_errors=True)  # superseded (e.g. written by more ranks earlier)
+
+    def replica() -> Prior | None:
+        """The whole prior on rank 0 (gathered from the shards under FSDP: every rank calls this), else None."""
+        if not is_sharded(model):
+            return prior if rank == 0 else None
+        state = full_state(model)
+        if rank != 0:
+            return None
+        whole = Prior(cfg, geometry).to(device)
+        whole.load_state_dict(state)
+        return whole.eval()
 
     def sample() -> None:
-        if rank != 0 or sample_text is None:
+        if sample_text is None:
             return
-        prior.eval()
+        sampler = replica()
+        if sampler is None:
+            return
+        sampler.eval()
         generator = torch.Generator(device).manual_seed(seed)  # the same draw at every interval: comparable grids
         with mixed_precision(device):
-            image_tokens = sample_image_tokens(prior, *(t.to(device) for t in sample_text), generator=generator)
+            image_tokens = sample_image_tokens(sampler, *(t.to(device) for t in sample_text), generator=generator)
         grid = geometry.grid
         callbacks.on_samples(step, image_tokens.view(-1, grid, grid).cpu().numpy())
 
@@ -239,22 +316,26 @@ def train_prior(
         lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.lr_min, cfg.warmup_steps)
         set_lr(optimizer, lr)
         batch = training_batch(train_tokens, order, step, device, cfg.null_text_prob)
-        losses, global_text_count = training_losses(model, prior, batch)
-        if not torch.isfinite(losses.loss):
-            raise FloatingPointError(
-                f"non-finite prior loss at step {step} on rank {rank}: text_nll={losses.text_nll.item()}, "
-                f"image_nll={losses.image_nll.item()}; the last good checkpoint is kept at {checkpoint_path}"
-            )
+        global_count = global_text_count(batch)
         optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip)
+        parts = micro_batches(batch, cfg.micro_batch_size)
+        for index, part in enumerate(parts):
+            with gradient_sync(model, enabled=index == len(parts) - 1):  # reduce once, after the last part
+                share = len(part.text_ids) / len(batch.text_ids)
+                losses, _ = training_losses(model, prior, part, global_count, share)
+                if not torch.isfinite(losses.loss):
+                    raise FloatingPointError(
+                        f"non-finite prior loss at step {step} on rank {rank}: text_nll={losses.text_nll.item()}, "
+                        f"image_nll={losses.image_nll.item()}; the last good checkpoint is kept at {checkpoint_path}"
+                    )
+                losses.loss.backward()
+            window["text_ce"] += losses.text_nll.item() * global_count.item() / size
+            window["image_ce"] += losses.image_nll.item() * part.image_tokens.numel()
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip))
         optimizer.step()
         step += 1
 
-        local_text_count = text_targets(batch.text_lengths).item()
-        window["text_ce"] += losses.text_nll.item() * global_text_count.item() / size
-        window["text_count"] += local_text_count
-        window["image_ce"] += losses.image_nll.item() * batch.image_tokens.numel()
+        window["text_count"] += text_targets(batch.text_lengths).item()
         window["image_count"] += batch.image_tokens.numel()
         window["grad_norm"] += grad_norm.item() / size  # identical on every rank after the all-reduce
         window["steps"] += 1 / size
@@ -293,4 +374,6 @@ def train_prior(
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
     progress.close()
-    return TrainResult(prior.eval(), {k: v for k, v in val_history[-1].items() if k != "step"}, history, val_history)
+    final = {k: v for k, v in val_history[-1].items() if k != "step"}
+    whole = replica()  # rank 0: the whole trained prior, plain tensors (gathered from the shards under FSDP)
+    return TrainResult((whole if whole is not None else prior).eval(), final, history, val_history)

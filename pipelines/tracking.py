@@ -9,6 +9,7 @@ overrides it for a shared server, which is probed before any work starts.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,12 +131,20 @@ def training_run(
     """
     run_id_file = checkpoint.with_name("mlflow_run_id")
     if not resume:
-        checkpoint.unlink(missing_ok=True)
+        remove_checkpoint(checkpoint)
         run_id_file.unlink(missing_ok=True)
     with stage_run(stage, params, resume_file=run_id_file, tags=tags) as run:
         yield run
-    checkpoint.unlink(missing_ok=True)
+    remove_checkpoint(checkpoint)
     run_id_file.unlink(missing_ok=True)
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """The checkpoint file and, for the prior under FSDP, its sharded directory (``last.dcp``, see
+    ``dalle/parallel.py``) with any copy a kill mid-write left behind."""
+    checkpoint.unlink(missing_ok=True)
+    for suffix in (".dcp", ".dcp.tmp", ".dcp.old"):
+        shutil.rmtree(checkpoint.with_suffix(suffix), ignore_errors=True)
 
 
 def _resumable_run(resume_file: Path | None, uri: str, experiment_id: str) -> str | None:

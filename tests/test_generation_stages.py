@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from test_dvae_stages import stage_args, tiny_params
@@ -158,8 +159,9 @@ def test_resumes_after_a_kill_into_the_same_mlflow_run(tmp_path, upstream, mlflo
     assert run.info.status == "FINISHED"
 
 
-def test_torchrun_two_processes_match_one(tmp_path, upstream, mlflow_store):
-    params = prior_params(tmp_path, "test-prior-ddp")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_processes_match_one(tmp_path, upstream, mlflow_store, parallel):
+    params = prior_params(tmp_path, f"test-prior-{parallel}", parallel=parallel)
     train_prior.main(prior_args(tmp_path / "one", params, upstream))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -173,7 +175,12 @@ def test_torchrun_two_processes_match_one(tmp_path, upstream, mlflow_store):
     assert two["world_size"] == 2
     for key in ("val_text_nll", "val_image_nll"):
         assert two[key] == pytest.approx(one[key], rel=1e-4)
-    assert len(runs(MlflowClient(mlflow_store), "test-prior-ddp")) == 2  # one per execution, rank 0 only
+    assert len(runs(MlflowClient(mlflow_store), f"test-prior-{parallel}")) == 2  # one per execution, rank 0 only
+    # The exported weights are one whole state (gathered on rank 0 under FSDP) that load_prior reads as usual.
+    whole, sharded = load_prior(tmp_path / "one" / "prior"), load_prior(tmp_path / "two" / "prior")
+    for name, tensor in whole.state_dict().items():
+        torch.testing.assert_close(sharded.state_dict()[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert not list((tmp_path / "two" / "ckpt").glob("last.*"))  # no checkpoint file or sharded directory left
 
 
 def test_without_a_dvae_names_the_stage_to_run(tmp_path, upstream):

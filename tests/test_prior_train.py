@@ -183,8 +183,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     original = prior_train.training_losses
     calls = []
 
-    def poisoned(model, prior, batch):
-        losses, count = original(model, prior, batch)
+    def poisoned(model, prior, batch, *args):
+        losses, count = original(model, prior, batch, *args)
         calls.append(1)
         if len(calls) == 6:  # the sixth step, after the step-4 checkpoint
             losses = losses._replace(loss=losses.loss * float("nan"))
