@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dalle.blocked_attention import blocked_attention
 from dalle.config import DvaeConfig, PriorConfig
 from dalle.dvae import DiscreteVAE
 from dalle.flops import matmul_flops
@@ -201,7 +202,8 @@ def attention_call(
     device: torch.device,
     kernel: int = 11,
 ) -> Callable[[], None]:
-    """One attention layer (batch 1) under mask ``kind``: dense-masked SDPA or compiled flex attention; with
+    """One attention layer (batch 1) under mask ``kind``: dense-masked SDPA, compiled flex attention or the
+    block-local kernel; with
     ``backward``, also the gradients of q, k and v."""
     seq_len = text_len + grid * grid
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -221,8 +223,12 @@ def attention_call(
 
         def attend() -> Tensor:
             return flex(q, k, v, block_mask=blocks)
+    elif impl == "blocked":
+
+        def attend() -> Tensor:
+            return blocked_attention(q, k, v, kind, text_len, grid, kernel)
     else:
-        raise ValueError(f"unknown attention implementation {impl!r}; expected 'dense' or 'flex'")
+        raise ValueError(f"unknown attention implementation {impl!r}; expected 'dense', 'flex' or 'blocked'")
 
     def call() -> None:
         out = attend()

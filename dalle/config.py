@@ -235,7 +235,7 @@ class PriorConfig:
     d_model: int = 128
     schedule: str | tuple[str, ...] = "paper"
     conv_kernel: int = 5
-    attn_impl: Literal["dense", "flex"] = "dense"
+    attn_impl: Literal["dense", "flex", "blocked"] = "dense"
     text_loss_weight: float = 0.125
     dropout: float = 0.0
     null_text_prob: float = 0.0
@@ -485,9 +485,9 @@ class BenchConfig:
         ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check_schedules(self.schedules)
-        _check(bool(self.attn_impls), "attn_impls", "must list dense, flex or both")
+        _check(bool(self.attn_impls), "attn_impls", "must list at least one of dense, flex, blocked")
         for impl in self.attn_impls:
-            _check(impl in ("dense", "flex"), "attn_impls", f"unknown attention implementation {impl!r}")
+            _check(impl in ("dense", "flex", "blocked"), "attn_impls", f"unknown attention implementation {impl!r}")
         _check(bool(self.attention_image_tokens), "attention_image_tokens", "must list at least one size")
         for tokens in self.attention_image_tokens:
             side = int(round(tokens**0.5))

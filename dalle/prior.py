@@ -4,8 +4,9 @@ A decoder-only transformer over the stream ``[text (text_len)] [image (grid², r
 and image tokens autoregressively: the input at position t predicts the token at t + 1. Text positions past a
 caption's end hold a learned pad embedding per position (pads are inputs, never targets); image tokens get a
 token embedding plus broadcast row and column embeddings. Each layer uses the attention mask that
-``dalle.masks.layer_kinds`` assigns it (Appendix B.1), through dense SDPA or flex attention; both are built from
-the same predicate. Separate heads give logits over the text vocabulary at text positions and over the image
+``dalle.masks.layer_kinds`` assigns it (Appendix B.1), through dense SDPA, flex attention, or the block-local kernel
+of ``dalle/blocked_attention.py`` that computes only the blocks a sparse mask allows; all are built from the same
+predicate. Separate heads give logits over the text vocabulary at text positions and over the image
 vocabulary at image positions. The loss weights the two modalities' mean cross-entropies (§B.1: 1/8 text).
 
 On CPU, eager flex attention is an unfused reference that warns and has no backward (use it for checks, or train
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from dalle.blocked_attention import blocked_attention
 from dalle.checkpoint import load_weights
 from dalle.config import PriorConfig
 from dalle.masks import attention_mask, block_mask, layer_kinds
@@ -92,6 +94,15 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+class BlockedMask(NamedTuple):
+    """What ``attn_impl: blocked`` needs to compute a layer's mask block-locally (``dalle/blocked_attention.py``)."""
+
+    kind: str
+    text_len: int
+    grid: int
+    kernel: int
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
@@ -100,8 +111,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.flex = flex_attention  # swapped for the compiled kernel by Prior.use_compiled_flex
 
-    def forward(self, x: Tensor, mask: Tensor | BlockMask, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        """``mask`` is a bool ``(L, start + L)`` mask for SDPA or a BlockMask for flex (uncached only).
+    def forward(
+        self, x: Tensor, mask: Tensor | BlockMask | BlockedMask, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
+        """``mask`` is a bool ``(L, start + L)`` mask for SDPA, or for the whole stream (uncached only) a BlockMask
+        for flex or a BlockedMask for the block-local kernel.
 
         With ``cache``, ``x`` holds positions ``cache.length .. cache.length + L - 1``; their keys and values are
         written into the cache and the queries attend over every cached position so far.
@@ -116,6 +130,8 @@ class SelfAttention(nn.Module):
             k, v = cache.keys[layer, :, :, :end], cache.values[layer, :, :, :end]  # (B, nh, end, hs)
         if isinstance(mask, BlockMask):
             y = self.flex(q, k, v, block_mask=mask)
+        elif isinstance(mask, BlockedMask):
+            y = blocked_attention(q, k, v, *mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hs)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
@@ -141,7 +157,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | BlockMask, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | BlockMask | BlockedMask, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
         x = x + self.dropout(self.attn(self.ln_attn(x), mask, cache, layer))
         return x + self.dropout(self.mlp(self.ln_mlp(x)))
 
@@ -225,9 +243,11 @@ class Prior(nn.Module):
         index = torch.arange(start, start + image_tokens.shape[1], device=image_tokens.device)
         return self.image_embedding(image_tokens) + self.image_row(index // grid) + self.image_column(index % grid)
 
-    def _mask(self, kind: str, device: torch.device) -> Tensor | BlockMask:
+    def _mask(self, kind: str, device: torch.device) -> Tensor | BlockMask | BlockedMask:
         if self.cfg.attn_impl == "dense":
             return getattr(self, f"mask_{kind}")
+        if self.cfg.attn_impl == "blocked":
+            return BlockedMask(kind, self.geometry.text_len, self.geometry.grid, self.cfg.conv_kernel)
         key = (kind, str(device))
         if key not in self._block_masks:
             g = self.geometry

@@ -155,8 +155,9 @@ class Workloads:
                 row[f"{impl}_{name}_max_ms"] = measured.max_s * 1e3
                 row[f"{impl}_{name}_peak_memory_mb"] = measured.peak_memory_mb
         for name in ("forward", "train"):
-            if f"dense_{name}_ms" in row and f"flex_{name}_ms" in row:
-                row[f"flex_speedup_{name}"] = row[f"dense_{name}_ms"] / row[f"flex_{name}_ms"]
+            for impl in ("flex", "blocked"):
+                if f"dense_{name}_ms" in row and f"{impl}_{name}_ms" in row:
+                    row[f"{impl}_speedup_{name}"] = row[f"dense_{name}_ms"] / row[f"{impl}_{name}_ms"]
         return row
 
     def sampling(self, grid: int) -> dict:

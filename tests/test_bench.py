@@ -145,10 +145,11 @@ def test_benchmark_writes_every_measurement(tiny_run):
     }
     assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu"]
     assert results["peak"]["fp32"]["flops_per_s"] > 0
-    # data grid 16 / 4 = 4 and the big grid 8; two schedules, two kernels
+    # data grid 16 / 4 = 4 and the big grid 8; two schedules, three kernels
     assert set(results["prior_training"]) == {
-        f"grid{g}_{s}_{k}" for g in (4, 8) for s in ("full", "paper") for k in ("dense", "flex")
+        f"grid{g}_{s}_{k}" for g in (4, 8) for s in ("full", "paper") for k in ("dense", "flex", "blocked")
     }
+    assert results["prior_training"]["grid8_paper_blocked"]["tokens_per_s"] > 0
     dense = results["prior_training"]["grid8_paper_dense"]
     assert dense["tokens_per_step"] == 2 * (8 + 64)
     assert dense["tokens_per_s"] == pytest.approx(dense["tokens_per_step"] / dense["median_s"])
@@ -160,6 +161,7 @@ def test_benchmark_writes_every_measurement(tiny_run):
     row = results["attention"]["16_row"]
     assert 0 < row["block_density"] <= 1 and row["dense_forward_ms"] > 0 and row["dense_train_ms"] > 0
     assert row["flex_speedup_forward"] == pytest.approx(row["dense_forward_ms"] / row["flex_forward_ms"])
+    assert row["blocked_speedup_train"] == pytest.approx(row["dense_train_ms"] / row["blocked_train_ms"])
     assert set(results["sampling"]) == {"grid4", "grid8"}
     sampled = results["sampling"]["grid8"]
     assert sampled["cache_speedup"] == pytest.approx(sampled["uncached_s_estimated"] / sampled["cached_s"])
