@@ -463,16 +463,20 @@ class BenchConfig:
     big_grid: int = 32
     big_batch_size: int = 4
     schedules: tuple[str, ...] = ("full", "paper")
-    attn_impls: tuple[str, ...] = ("dense", "flex")
+    attn_impls: tuple[str, ...] = ("dense", "flex", "blocked")
     attention_image_tokens: tuple[int, ...] = (256, 1024, 4096)
     attention_text_len: int = 64
     sample_batch_size: int = 16
     guidance_scale: float = 3.0
     uncached_positions: int = 8
     dvae_batch_size: int = 64
+    paper_batch_size: int = 1
+    paper_d_model: int = 512
+    paper_layers: int = 8
 
     def __post_init__(self):
         _check(self.warmup >= 0, "warmup", f"must be >= 0, got {self.warmup}")
+        _check(self.paper_batch_size >= 0, "paper_batch_size", f"must be >= 0 (0 skips), got {self.paper_batch_size}")
         for key in (
             "repeats",
             "gemm_size",
@@ -482,6 +486,8 @@ class BenchConfig:
             "attention_text_len",
             "sample_batch_size",
             "dvae_batch_size",
+            "paper_d_model",
+            "paper_layers",
         ):
             _check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         _check_schedules(self.schedules)

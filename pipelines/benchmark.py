@@ -40,7 +40,7 @@ from dalle.bench import (
     prior_training_step,
     sampling_runs,
 )
-from dalle.config import Params
+from dalle.config import Params, PriorConfig
 from dalle.flops import prior_flops
 from dalle.masks import block_density, mask_density
 from dalle.peer import PEERS, peer_measurements
@@ -90,6 +90,9 @@ class Workloads:
                             f"prior_training/grid{grid}_{schedule}_{impl}", partial(self.training, grid, schedule, impl)
                         )
                     )
+        if bench.paper_batch_size:
+            for impl in bench.attn_impls:
+                out.append(Task(f"prior_training/paper_geometry_{impl}", partial(self.paper_training, impl)))
         for tokens in bench.attention_image_tokens:
             for kind in ("full", "row", "column", "conv"):
                 out.append(Task(f"attention/{tokens}_{kind}", partial(self.attention, tokens, kind)))
@@ -106,9 +109,30 @@ class Workloads:
         measured = measure(run, **self.timed)
         return {"n": self.bench.gemm_size, "flops_per_s": flops / measured.median_s, **measured.as_dict()}
 
-    def training(self, grid: int, schedule: str, impl: str) -> dict:
-        cfg = dataclasses.replace(self.params.prior, schedule=schedule, attn_impl=impl)
-        g, size = geometry(self.params, grid), self.batch[grid]
+    def paper_training(self, impl: str) -> dict:
+        """A prior training step at the paper's geometry (Appendix B: text 256, 32×32 image tokens, vocabularies
+        16384 and 8192, 11×11 conv window, paper schedule) at ``paper_d_model`` / ``paper_layers``."""
+        bench = self.bench
+        heads = 8 if bench.paper_d_model % 8 == 0 else 1
+        cfg = dataclasses.replace(
+            self.params.prior, n_layers=bench.paper_layers, d_model=bench.paper_d_model, n_heads=heads, conv_kernel=11
+        )
+        g = PriorGeometry(text_vocab=16384, text_len=256, image_vocab=8192, grid=32)
+        row = self.training(32, "paper", impl, cfg, g, bench.paper_batch_size)
+        return {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "text_len": g.text_len, **row}
+
+    def training(
+        self,
+        grid: int,
+        schedule: str,
+        impl: str,
+        cfg: PriorConfig | None = None,
+        g: PriorGeometry | None = None,
+        size: int | None = None,
+    ) -> dict:
+        """A prior training step; the params' prior and geometry at ``grid`` unless others are given."""
+        cfg = dataclasses.replace(cfg or self.params.prior, schedule=schedule, attn_impl=impl)
+        g, size = g or geometry(self.params, grid), size or self.batch[grid]
         row = {
             "grid": grid,
             "schedule": schedule,

@@ -116,6 +116,9 @@ def bench_params(tmp_path: Path, **bench) -> Path:
         sample_batch_size=2,
         uncached_positions=3,
         dvae_batch_size=4,
+        paper_batch_size=1,
+        paper_d_model=16,
+        paper_layers=2,
         **bench,
     )
     path.write_text(yaml.safe_dump(raw))
@@ -146,9 +149,12 @@ def test_benchmark_writes_every_measurement(tiny_run):
     assert results["machine"]["torch"] == torch.__version__ and results["machine"]["cpu"]
     assert results["peak"]["fp32"]["flops_per_s"] > 0
     # data grid 16 / 4 = 4 and the big grid 8; two schedules, three kernels
+    kernels = ("dense", "flex", "blocked")
     assert set(results["prior_training"]) == {
-        f"grid{g}_{s}_{k}" for g in (4, 8) for s in ("full", "paper") for k in ("dense", "flex", "blocked")
-    }
+        f"grid{g}_{s}_{k}" for g in (4, 8) for s in ("full", "paper") for k in kernels
+    } | {f"paper_geometry_{k}" for k in kernels}
+    paper = results["prior_training"]["paper_geometry_blocked"]
+    assert paper["tokens_per_step"] == 256 + 1024 and paper["d_model"] == 16 and paper["peak_memory_mb"] > 0
     assert results["prior_training"]["grid8_paper_blocked"]["tokens_per_s"] > 0
     dense = results["prior_training"]["grid8_paper_dense"]
     assert dense["tokens_per_step"] == 2 * (8 + 64)
