@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle.checkpoint import load_weights
+from dalle.checkpoint import config_values, load_state, load_weights
 from dalle.config import ClipConfig
 
 
@@ -108,12 +109,8 @@ class Clip(nn.Module):
 def load_clip(directory, device: torch.device | str = "cpu") -> Clip:
     """Rebuild a trained reranker from ``model.safetensors`` + ``config.json`` (as written by train_clip)."""
     state, config = load_weights(directory)
+    dims = config_values(config, ["text_vocab", "text_len", "image_size"], Path(directory) / "config.json")
     names = {f.name for f in dataclasses.fields(ClipConfig)}
-    model = Clip(
-        ClipConfig(**{k: v for k, v in config.items() if k in names}),
-        config["text_vocab"],
-        config["text_len"],
-        config["image_size"],
-    )
-    model.load_state_dict(state)
+    model = Clip(ClipConfig(**{k: v for k, v in config.items() if k in names}), **dims)
+    load_state(model, state, directory)
     return model.to(device).eval()

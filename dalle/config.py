@@ -11,6 +11,7 @@ This module never reads files; ``pipelines/params.py`` does.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -713,6 +714,8 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not math.isfinite(value):  # YAML reads .inf and .nan as floats; no setting means either
+            fail("a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle.checkpoint import load_weights
+from dalle.checkpoint import config_values, load_state, load_weights
 from dalle.config import DvaeConfig
 from dalle.pixels import recon_nll, reconstruction
 
@@ -182,7 +183,8 @@ class DiscreteVAE(nn.Module):
 def load_dvae(directory, device: torch.device | str = "cpu") -> DiscreteVAE:
     """Rebuild a trained dVAE from ``model.safetensors`` + ``config.json`` (as written by the train_dvae stage)."""
     state, config = load_weights(directory)
+    config_values(config, ["downsample", "codebook_size", "hidden"], Path(directory) / "config.json")
     names = {f.name for f in dataclasses.fields(DvaeConfig)}
     model = DiscreteVAE(DvaeConfig(**{k: v for k, v in config.items() if k in names}))
-    model.load_state_dict(state)
+    load_state(model, state, directory)
     return model.to(device).eval()

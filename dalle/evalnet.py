@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from dalle.checkpoint import load_weights
+from dalle.checkpoint import config_values, load_state, load_weights
 from dalle.config import COLOURS, SHAPES, EvalNetConfig
 from dalle.data.order import batch_indices
 from dalle.data.shapes import POSITIONS, SIZES
@@ -133,7 +134,8 @@ def image_features(model: EvalNet, images: np.ndarray, batch_size: int = 500) ->
 
 def load_evalnet(directory, device: torch.device | str = "cpu") -> EvalNet:
     state, config = load_weights(directory)
+    size = config_values(config, ["image_size"], Path(directory) / "config.json")["image_size"]
     names = {f.name for f in dataclasses.fields(EvalNetConfig)}
-    model = EvalNet(EvalNetConfig(**{k: v for k, v in config.items() if k in names}), config["image_size"])
-    model.load_state_dict(state)
+    model = EvalNet(EvalNetConfig(**{k: v for k, v in config.items() if k in names}), size)
+    load_state(model, state, directory)
     return model.to(device).eval()

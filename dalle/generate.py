@@ -9,6 +9,7 @@ best, one row per kept image) and ``sheet.png``, a contact sheet with the captio
 from __future__ import annotations
 
 import csv
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -55,12 +56,40 @@ def load_models(root: str | Path, device: torch.device | str = "cpu") -> Models:
     for name, stage in STAGES.items():
         if not (root / name / "model.safetensors").is_file():
             raise FileNotFoundError(f"{root / name}/model.safetensors not found; run the {stage} stage first")
-    return Models(
+    models = Models(
         tokenizer=TextTokenizer.from_file(root / "prior" / "tokenizer.json"),
         dvae=load_dvae(root / "dvae", device),
         prior=load_prior(root / "prior", device),
         clip=load_clip(root / "clip", device),
     )
+    check_compatible(models, root)
+    return models
+
+
+def check_compatible(models: Models, root: Path) -> None:
+    """Models trained in different pipeline runs do not fit together; say which folders disagree and how."""
+    dvae, prior, clip = models.dvae.cfg, models.prior.geometry, models.clip
+    problems = []
+    if dvae.codebook_size != prior.image_vocab:
+        problems.append(
+            f"{root / 'dvae'} has {dvae.codebook_size} codes "
+            f"but {root / 'prior'} models {prior.image_vocab} image tokens"
+        )
+    image_size = json.loads((root / "dvae" / "config.json").read_text()).get("image_size")
+    if image_size is not None and image_size // dvae.downsample != prior.grid:
+        problems.append(
+            f"{root / 'dvae'} turns {image_size} px images into a {image_size // dvae.downsample}² grid "
+            f"but {root / 'prior'} models a {prior.grid}² grid"
+        )
+    if image_size is not None and clip.image_size != image_size:
+        problems.append(f"{root / 'clip'} scores {clip.image_size} px images but {root / 'dvae'} makes {image_size} px")
+    if clip.text_len != prior.text_len:
+        problems.append(f"{root / 'clip'} reads {clip.text_len} text tokens but {root / 'prior'} {prior.text_len}")
+    tokenizers = [root / name / "tokenizer.json" for name in ("prior", "clip")]
+    if all(path.is_file() for path in tokenizers) and tokenizers[0].read_bytes() != tokenizers[1].read_bytes():
+        problems.append(f"{tokenizers[1]} differs from {tokenizers[0]}: the two models read captions differently")
+    if problems:
+        raise ValueError("models from different pipeline runs: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)

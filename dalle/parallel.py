@@ -132,7 +132,7 @@ def read_progress(directory: Path) -> dict[str, Any] | None:
     left behind), or None when there is none."""
     for candidate in (directory, directory.with_name(directory.name + ".old")):
         if (candidate / PROGRESS_FILE).is_file():
-            return {**load_checkpoint(candidate / PROGRESS_FILE), "directory": str(candidate)}
+            return {**load_checkpoint(candidate / PROGRESS_FILE, "prior"), "directory": str(candidate)}
     return None
 
 

@@ -22,6 +22,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -31,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from dalle.blocked_attention import blocked_attention
-from dalle.checkpoint import load_weights
+from dalle.checkpoint import config_values, load_state, load_weights
 from dalle.config import PriorConfig
 from dalle.masks import attention_mask, block_mask, layer_kinds
 
@@ -353,11 +354,15 @@ def text_targets(text_lengths: Tensor) -> Tensor:
 def load_prior(directory, device: torch.device | str = "cpu") -> Prior:
     """Rebuild a trained prior from ``model.safetensors`` + ``config.json`` (as written by train_prior)."""
     state, config = load_weights(directory)
-    geometry = PriorGeometry(**{f.name: config["geometry"][f.name] for f in dataclasses.fields(PriorGeometry)})
+    where = Path(directory) / "config.json"
+    required = config_values(config, ["geometry", "n_layers", "n_heads", "d_model", "schedule", "conv_kernel"], where)
+    geometry = PriorGeometry(
+        **config_values(required["geometry"], [f.name for f in dataclasses.fields(PriorGeometry)], where)
+    )
     names = {f.name for f in dataclasses.fields(PriorConfig)}
     values = {k: v for k, v in config.items() if k in names}
     if isinstance(values.get("schedule"), list):
         values["schedule"] = tuple(values["schedule"])
     model = Prior(PriorConfig(**values), geometry)
-    model.load_state_dict(state)
+    load_state(model, state, directory)
     return model.to(device).eval()

@@ -53,7 +53,7 @@ def resumable_state(checkpoint_path: Path | None, config: dict[str, Any], sectio
     """The checkpoint at ``checkpoint_path`` if there is one; it must have been made with ``config``."""
     if checkpoint_path is None or not checkpoint_path.is_file():
         return None
-    state = load_checkpoint(checkpoint_path)
+    state = load_checkpoint(checkpoint_path, section)
     diff = config_diff(state["config"], config)
     if diff:
         raise CheckpointMismatch(

@@ -105,6 +105,8 @@ def _delete(path: str):
         (_set("data.shard_size", 0), "data.shard_size", ">= 1"),
         (_set("data.cache_mb", -1), "data.cache_mb", ">= 0"),
         (_set("loader.order", "sequential"), "loader.order", "random"),
+        (_set("prior.lr", float("inf")), "prior.lr", "a finite number"),
+        (_set("data.max_aspect", float("nan")), "data.max_aspect", "a finite number"),
         (_set("loader.shuffle_block", 0), "loader.shuffle_block", ">= 1"),
         (_set("tokenizer.vocab_size", 100), "tokenizer.vocab_size", "> 256"),
         (_set("tokenizer.text_len", 0), "tokenizer.text_len", ">= 1"),
@@ -193,3 +195,19 @@ def test_missing_and_malformed_files(tmp_path):
 def test_dataclass_validates_when_built_in_code():
     with pytest.raises(ValueError, match="image_size: must be in 16..256"):
         DataConfig(image_size=300)
+
+
+def test_a_key_written_twice_names_the_key_and_both_lines(tmp_path):
+    text = (REPO / "params.yaml").read_text()
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("  lr: "))  # the dVAE's lr
+    lines.insert(first + 2, "  lr: 0.1")
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        ParamsError, match=rf"duplicate key 'lr' \(first on line {first + 1}, again on line {first + 3}\)"
+    ):
+        load_params(path)
+    path.write_text(text.replace("steps: 600", "steps: .inf", 1))
+    with pytest.raises(ParamsError, match=r"prior\.steps: expected an integer"):
+        load_params(path)

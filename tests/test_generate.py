@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,74 @@ def test_priming_keeps_the_images_top_rows(tmp_path, models_dir, monkeypatch):
         prime_tokens_from_image(models, image, prime_rows=4)
     with pytest.raises(ValueError, match=r"must be uint8 \(16, 16, 3\)"):
         prime_tokens_from_image(models, image[:8], prime_rows=1)
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Bad input must fail before any model is loaded (the expensive part)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("models were loaded before the input was checked")
+
+    monkeypatch.setattr(cli, "load_models", refuse)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", "-1"], "--seed -1 is out of range"),
+        (["--seed", str(2**63)], f"--seed {2**63} is out of range"),
+        (["--guidance", "3"], "--guidance 3.0 needs a prior trained with prior.null_text_prob > 0"),
+    ],
+)
+def test_bad_seed_and_unsupported_guidance_fail_before_loading(
+    tmp_path, models_dir, capsys, no_model_loading, extra, message
+):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["generate", "--caption", "x", "--out", str(tmp_path), "--models", str(models_dir), *extra])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_out_prime_image_and_caption_file_name_the_culprit(tmp_path, models_dir, capsys, no_model_loading):
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red circle\ncaf\xe9 square\n".encode("latin-1"))
+    base = ["generate", "--models", str(models_dir)]
+    cases = [
+        ([*base, "--caption", "x", "--out", str(a_file)], f"--out {a_file} exists and is not a directory"),
+        ([*base, "--caption", "x", "--out", str(a_file / "sub")], f"{a_file} is not writable"),
+        (
+            [*base, "--caption", "x", "--out", str(tmp_path / "o"), "--prime-image", str(not_an_image)],
+            f"--prime-image {not_an_image} is not a readable image",
+        ),
+        ([*base, "--captions", str(latin1), "--out", str(tmp_path / "o")], f"{latin1} is not UTF-8: byte 16 (0xe9)"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a refused call
+
+
+def test_a_bom_is_dropped_and_force_allows_guidance(tmp_path, models_dir):
+    captions = tmp_path / "captions.txt"
+    captions.write_bytes("\ufeffa small red circle\n".encode())
+    argv = ["generate", "--captions", str(captions), "--out", str(tmp_path / "out"), "--models", str(models_dir)]
+    assert cli.main([*argv, "--candidates", "2", "--top", "1", "--guidance", "2", "--force"]) == 0
+    assert [row["caption"] for row in read_manifest(tmp_path / "out" / "manifest.csv")] == ["a small red circle"]
+
+
+def test_models_from_different_runs_are_refused_naming_both_folders(tmp_path, models_dir):
+    shutil.copytree(models_dir, tmp_path / "models")
+    dvae_cfg = DvaeConfig(codebook_size=32, hidden=8, codebook_dim=16)
+    save_weights(
+        DiscreteVAE(dvae_cfg), tmp_path / "models" / "dvae", {**dataclasses.asdict(dvae_cfg), "image_size": 32}
+    )
+    root = tmp_path / "models"
+    with pytest.raises(ValueError, match=rf"{root / 'dvae'} has 32 codes but {root / 'prior'} models 16") as info:
+        load_models(root)
+    assert f"{root / 'dvae'} turns 32 px images into a 8² grid but {root / 'prior'} models a 4² grid" in str(info.value)
+    assert f"{root / 'clip'} scores 16 px images but {root / 'dvae'} makes 32 px" in str(info.value)
