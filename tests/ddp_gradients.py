@@ -28,6 +28,7 @@ def main(out_dir: str) -> None:
     losses.loss.backward()
     grads = {name: p.grad.contiguous() for name, p in prior.named_parameters()}
     save_file(grads, str(Path(out_dir) / f"rank{dist.get_rank()}.safetensors"))
+    dist.barrier()  # both ranks done before teardown: a rank tearing down alone can leave the other hanging
     dist.destroy_process_group()
 
 

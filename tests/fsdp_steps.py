@@ -44,6 +44,7 @@ def main(out_dir: str) -> None:
         if rank == 0:
             weights = {k: v.contiguous() for k, v in result.model.state_dict().items()}
             save_file(weights, str(out / f"{name}.safetensors"))
+    dist.barrier()  # both ranks done before teardown: a rank tearing down alone can leave the other hanging
     dist.destroy_process_group()
 
 

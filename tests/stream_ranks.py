@@ -28,6 +28,7 @@ def main(out_dir: str) -> None:
     train_prior(cfg, 0, GEOMETRY, train, val, out / "last.pt", "d", loader=STREAM, device=torch.device("cpu"))
     read = {name: sorted(getattr(train, name).shards_read) for name in ("image_tokens", "text_ids")}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(read))
+    dist.barrier()  # both ranks done before teardown: a rank tearing down alone can leave the other hanging
     dist.destroy_process_group()
 
 

@@ -105,6 +105,7 @@ def tiny_repo(root: Path, experiment: str, **data) -> Path:
         sample_batch_size=2,
         uncached_positions=2,
         dvae_batch_size=2,
+        paper_batch_size=0,  # the paper-geometry rows are tested in tests/test_bench.py
     )
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     run(["git", "init", "-q"], root)
