@@ -35,5 +35,11 @@ def test_environment_yml_matches_pyproject():
 def test_torch_range_admits_the_cpu_wheel_and_cuda_builds():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     torch = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch"))
-    for version in ("2.5.1", "2.13.0", "2.13.0+cpu", "2.14.1+cu128"):
+    for version in ("2.10.0", "2.13.0", "2.13.0+cpu", "2.14.1+cu128"):
         assert torch.specifier.contains(version), version
+    # Older builds load checkpoints through a weights_only unpickler with known bypasses (CVE-2025-32434, fixed in
+    # 2.6.0; GHSA-63cw-57p8-fm3p / CVE-2026-24747, fixed in 2.10.0): refused.
+    for version in ("2.5.1", "2.9.1", "3.0.0"):
+        assert not torch.specifier.contains(version), version
+    pyarrow = next(Requirement(r) for r in project["dependencies"] if r.startswith("pyarrow"))
+    assert not pyarrow.specifier.contains("14.0.0") and pyarrow.specifier.contains("14.0.1")  # CVE-2023-47248
