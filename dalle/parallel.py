@@ -13,6 +13,7 @@ leaves the old checkpoint or the new one.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -82,15 +83,7 @@ def gradient_sync(model: nn.Module, enabled: bool):
         return model.no_sync()
     if is_sharded(model):
         model.set_requires_gradient_sync(enabled)
-    return _Nothing()
-
-
-class _Nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return nullcontext()
 
 
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:

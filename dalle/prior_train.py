@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from dalle.checkpoint import CheckpointMismatch, config_diff
+from dalle.checkpoint import CheckpointMismatch
 from dalle.config import LoaderConfig, PriorConfig
 from dalle.data.order import DEFAULT_LOADER, RandomOrder, StreamOrder, caption_rows, loader_resume_config, make_order
 from dalle.data.tokens import TokenSplit
@@ -44,6 +44,7 @@ from dalle.sampling import sample_image_tokens
 from dalle.schedules import warmup_cosine
 from dalle.training import (
     adamw,
+    check_same_config,
     default_device,
     mixed_precision,
     restore_rng,
@@ -86,17 +87,6 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     if world()[1] > 1:
         torch.distributed.all_reduce(values)
     return values
-
-
-def check_resumable(progress: dict[str, Any], config: dict[str, Any], where: Path) -> dict[str, Any]:
-    """``progress`` of a sharded checkpoint, if it was made with ``config``."""
-    diff = config_diff(progress["config"], config)
-    if diff:
-        raise CheckpointMismatch(
-            f"checkpoint {where} was made with a different config: {'; '.join(diff)}. "
-            "Restore those values, or set prior.resume: false to start fresh."
-        )
-    return progress
 
 
 def geometry_of(tokens: TokenSplit, text_vocab: int, image_vocab: int) -> PriorGeometry:
@@ -180,7 +170,7 @@ def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torc
     n_images = min(n_images, len(tokens))
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # text CE, text targets, image CE, image tokens
     shard = np.arange(n_images)[rank::size]
-    batches = -(-len(np.arange(n_images)[0::size]) // batch_size)  # rank 0 has the most: every rank runs as many
+    batches = math.ceil(math.ceil(n_images / size) / batch_size)  # rank 0 has the most images: all run as many
     for start in range(0, batches * batch_size, batch_size):
         images = shard[start : start + batch_size]
         if not len(images):  # a sharded model's forward is a collective: take part, count nothing
@@ -260,7 +250,7 @@ def train_prior(
     sharded_dir = sharded_path(checkpoint_path) if checkpoint_path is not None else None
     state = None
     if cfg.resume and sharded_dir is not None and (progress := read_progress(sharded_dir)) is not None:
-        state = check_resumable(progress, config, sharded_dir)
+        state = check_same_config(progress, config, sharded_dir, "prior")
         load_sharded(Path(progress["directory"]), prior, optimizer)  # re-sharded to this world size
         restore_rng(state, device)
     elif cfg.resume and is_sharded(model) and checkpoint_path.is_file():

@@ -53,11 +53,15 @@ def resumable_state(checkpoint_path: Path | None, config: dict[str, Any], sectio
     """The checkpoint at ``checkpoint_path`` if there is one; it must have been made with ``config``."""
     if checkpoint_path is None or not checkpoint_path.is_file():
         return None
-    state = load_checkpoint(checkpoint_path, section)
+    return check_same_config(load_checkpoint(checkpoint_path, section), config, checkpoint_path, section)
+
+
+def check_same_config(state: dict[str, Any], config: dict[str, Any], where: Path, section: str) -> dict[str, Any]:
+    """``state`` (a checkpoint read from ``where``), if it was made with ``config``; else the keys that differ."""
     diff = config_diff(state["config"], config)
     if diff:
         raise CheckpointMismatch(
-            f"checkpoint {checkpoint_path} was made with a different config: {'; '.join(diff)}. "
+            f"checkpoint {where} was made with a different config: {'; '.join(diff)}. "
             f"Restore those values, or set {section}.resume: false to start fresh."
         )
     return state
