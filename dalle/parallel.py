@@ -51,9 +51,11 @@ def barrier() -> None:
 
 def wrap(model: nn.Module, blocks: nn.ModuleList, parallel: str, device: torch.device) -> nn.Module:
     """The module to train: ``model`` itself in one process; under torchrun DDP around it, or ``model`` sharded in
-    place by FSDP2 (each of ``blocks``, then the root), with bf16 compute and fp32 gradient reduction on CUDA."""
+    place by FSDP2 (each of ``blocks``, then the root), with bf16 compute and fp32 gradient reduction on CUDA.
+    FSDP also shards in a process group of one (a single GPU then trains with the same bf16 policy and sharded
+    checkpoints as a cluster); DDP over one process would only add a copy of the gradients."""
     _, size = world()
-    if size == 1:
+    if not (dist.is_available() and dist.is_initialized()) or (parallel == "ddp" and size == 1):
         return model
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

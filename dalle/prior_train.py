@@ -253,7 +253,7 @@ def train_prior(
         state = check_same_config(progress, config, sharded_dir, "prior")
         load_sharded(Path(progress["directory"]), prior, optimizer)  # re-sharded to this world size
         restore_rng(state, device)
-    elif cfg.resume and is_sharded(model) and checkpoint_path.is_file():
+    elif cfg.resume and is_sharded(model) and checkpoint_path is not None and checkpoint_path.is_file():
         raise CheckpointMismatch(
             f"checkpoint {checkpoint_path} was written without FSDP (one file, not a sharded directory); resume it "
             "with prior.parallel: ddp, or set prior.resume: false to start fresh"

@@ -110,3 +110,16 @@ def test_a_half_swapped_sharded_checkpoint_resumes_from_its_old_copy(two_ranks, 
     save_checkpoint(tmp_path / "last.dcp.tmp" / "half.pt", {})
     progress = read_progress(tmp_path / "last.dcp")
     assert progress["step"] == 3 and progress["directory"].endswith("last.dcp.old")
+
+
+def test_fsdp_in_a_group_of_one_shards_trains_without_a_checkpoint_and_resumes_after_a_kill(tmp_path):
+    """One process still shards under ``parallel: fsdp`` (a single GPU gets the bf16 policy); training with no
+    checkpoint path works, and a run killed right after its step-6 sharded checkpoint resumes to the same end."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    script = str(Path(__file__).with_name("fsdp_resume.py"))
+    result = subprocess.run([*command, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "param_dtype=torch.float32 (unsharded one process: torch.float32)" in result.stdout
+    assert "resumed from step 6" in result.stdout
+    assert (tmp_path / "killed.dcp" / "progress.pt").is_file() and not list(tmp_path.glob("*.tmp*"))
