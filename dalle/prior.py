@@ -212,19 +212,24 @@ class Prior(nn.Module):
         B = text_ids.shape[0]
         if text_lengths.shape != (B,) or text_lengths.is_floating_point():
             raise ValueError(f"text_lengths must be integer (B={B},), got {tuple(text_lengths.shape)}")
-        if ((text_lengths < 0) | (text_lengths > g.text_len)).any():
-            raise ValueError(f"text_lengths must be in 0..text_len={g.text_len}, got {text_lengths.tolist()}")
-        # Only caption tokens are checked: whatever lies past a caption's end is replaced by pad embeddings.
-        real = self._caption_mask(text_lengths)
-        if ((text_ids < 0) | (text_ids >= g.text_vocab))[real].any():
-            raise ValueError(f"text_ids must be in 0..text_vocab-1={g.text_vocab - 1} within each caption")
-        if image_tokens is None:
-            return
-        if image_tokens.shape != (B, g.grid**2) or image_tokens.is_floating_point():
+        if image_tokens is not None and (image_tokens.shape != (B, g.grid**2) or image_tokens.is_floating_point()):
             raise ValueError(
                 f"image_tokens must be integer (B={B}, grid²={g.grid**2}), got {tuple(image_tokens.shape)}"
             )
-        if ((image_tokens < 0) | (image_tokens >= g.image_vocab)).any():
+        # The value checks reduce on the device and meet the host once (every sync stalls a GPU's queue). Only
+        # caption tokens are checked: whatever lies past a caption's end is replaced by pad embeddings.
+        checks = [
+            ((text_lengths < 0) | (text_lengths > g.text_len)).any(),
+            (((text_ids < 0) | (text_ids >= g.text_vocab)) & self._caption_mask(text_lengths)).any(),
+        ]
+        if image_tokens is not None:
+            checks.append(((image_tokens < 0) | (image_tokens >= g.image_vocab)).any())
+        bad = torch.stack(checks).tolist()
+        if bad[0]:
+            raise ValueError(f"text_lengths must be in 0..text_len={g.text_len}, got {text_lengths.tolist()}")
+        if bad[1]:
+            raise ValueError(f"text_ids must be in 0..text_vocab-1={g.text_vocab - 1} within each caption")
+        if image_tokens is not None and bad[2]:
             raise ValueError(f"image_tokens must be in 0..image_vocab-1={g.image_vocab - 1}")
 
     def _caption_mask(self, text_lengths: Tensor) -> Tensor:

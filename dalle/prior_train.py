@@ -309,25 +309,33 @@ def train_prior(
         global_count = global_text_count(batch)
         optimizer.zero_grad(set_to_none=True)
         parts = micro_batches(batch, cfg.micro_batch_size)
+        part_losses = []
         for index, part in enumerate(parts):
             with gradient_sync(model, enabled=index == len(parts) - 1):  # reduce once, after the last part
                 share = len(part.text_ids) / len(batch.text_ids)
                 losses, _ = training_losses(model, prior, part, global_count, share)
-                if not torch.isfinite(losses.loss):
-                    raise FloatingPointError(
-                        f"non-finite prior loss at step {step} on rank {rank}: text_nll={losses.text_nll.item()}, "
-                        f"image_nll={losses.image_nll.item()}; the last good checkpoint is kept at {checkpoint_path}"
-                    )
                 losses.loss.backward()
-            window["text_ce"] += losses.text_nll.item() * global_count.item() / size
-            window["image_ce"] += losses.image_nll.item() * part.image_tokens.numel()
+            part_losses.append(torch.stack([losses.loss, losses.text_nll, losses.image_nll]).detach())
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(prior.parameters(), cfg.grad_clip))
+        # The step's scalars in one host sync (each .item() would stall a GPU's queue), checked before the update.
+        totals = torch.stack([global_count.float(), text_targets(batch.text_lengths).float(), grad_norm.float()])
+        values = torch.cat([*part_losses, totals.to(part_losses[0].device)]).tolist()
+        (count, text_count, norm), per_part = values[-3:], [values[i : i + 3] for i in range(0, len(values) - 3, 3)]
+        for loss, text_nll, image_nll in per_part:
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite prior loss at step {step} on rank {rank}: text_nll={text_nll}, "
+                    f"image_nll={image_nll}; the last good checkpoint is kept at {checkpoint_path}"
+                )
         optimizer.step()
         step += 1
 
-        window["text_count"] += text_targets(batch.text_lengths).item()
+        for (_, text_nll, image_nll), part in zip(per_part, parts):
+            window["text_ce"] += text_nll * count / size
+            window["image_ce"] += image_nll * part.image_tokens.numel()
+        window["text_count"] += text_count
         window["image_count"] += batch.image_tokens.numel()
-        window["grad_norm"] += grad_norm.item() / size  # identical on every rank after the all-reduce
+        window["grad_norm"] += norm / size  # identical on every rank after the all-reduce
         window["steps"] += 1 / size
         window["tokens"] += len(batch.text_ids) * geometry.seq_len
         window["seconds"] += (time.perf_counter() - started) / size
