@@ -62,7 +62,7 @@ class InceptionFeatures:
             import torch_fidelity  # noqa: F401  (the extractor torchmetrics wraps)
         except ImportError:
             raise ImportError(
-                "eval.fid_features: inception needs the torch-fidelity package: pip install torch-fidelity"
+                "eval.fid_features: inception needs the torch-fidelity package: pip install -e '.[inception]'"
             ) from None
         metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(weights))
         self.network = metric.inception.to(device).eval()

@@ -43,3 +43,13 @@ def test_torch_range_admits_the_cpu_wheel_and_cuda_builds():
         assert not torch.specifier.contains(version), version
     pyarrow = next(Requirement(r) for r in project["dependencies"] if r.startswith("pyarrow"))
     assert not pyarrow.specifier.contains("14.0.0") and pyarrow.specifier.contains("14.0.1")  # CVE-2023-47248
+
+
+def test_floors_and_extras():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    metrics = next(Requirement(r) for r in project["dependencies"] if r.startswith("torchmetrics"))
+    # FrechetInceptionDistance(feature_extractor_weights_path=...) arrived in torchmetrics 1.6.1 (#2867)
+    assert not metrics.specifier.contains("1.6.0") and metrics.specifier.contains("1.6.1")
+    extras = project["optional-dependencies"]
+    assert [Requirement(r).name for r in extras["inception"]] == ["torch-fidelity"]
+    assert "packaging" in {Requirement(r).name for r in extras["dev"]}
