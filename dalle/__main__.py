@@ -16,6 +16,7 @@ from dalle.generate import generate, load_models, prime_tokens_from_image, write
 from dalle.training import default_device
 
 SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit seed; keep it a non-negative int64
+SHEET_LIMIT = 64  # images on sheet.png: a preview of the first captions, not the whole output
 
 
 def read_captions(path: Path) -> tuple[list[str], int]:
@@ -130,21 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         prime = prime_tokens_from_image(models, image, args.prime_rows) if image is not None else None
     except (FileNotFoundError, ValueError) as err:
         root.exit(2, f"error: {err}\n")
-    results = list(
-        generate(
-            models,
-            captions,
-            args.candidates,
-            args.temperature,
-            args.top_k,
-            args.top_p,
-            args.guidance,
-            args.seed,
-            args.batch_size,
-            prime_tokens=prime,
-        )
+    results = generate(
+        models,
+        captions,
+        args.candidates,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.guidance,
+        args.seed,
+        args.batch_size,
+        prime_tokens=prime,
     )
-    manifest = write_outputs(args.out, results, args.top)
+    # Written caption by caption: a crash keeps every finished caption's images and manifest rows.
+    manifest = write_outputs(args.out, results, args.top, sheet_limit=SHEET_LIMIT)
     print(f"{len(captions)} caption(s) × {args.top} image(s) → {manifest}")
     return 0
 

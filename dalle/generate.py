@@ -12,7 +12,7 @@ import csv
 import json
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,26 +204,63 @@ def prime_tokens_from_image(models: Models, image: np.ndarray, prime_rows: int) 
     return tokens[:, :prime_rows].reshape(1, -1)
 
 
-def write_outputs(out: str | Path, results: Sequence[Candidates], top: int) -> Path:
-    """Write the kept images, ``manifest.csv`` and ``sheet.png`` into ``out``; returns the manifest path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, sheet_images, sheet_captions = [], [], []
-    for index, result in enumerate(results):
-        images, scores = result.best(top)
+class OutputWriter:
+    """Writes each caption's kept images and manifest rows as soon as it is given them, so a crash at caption 90
+    of 100 leaves 89 captions' images and rows on disk. Memory holds one caption's candidates, plus the first
+    ``sheet_limit`` kept images for ``sheet.png`` (all of them with None).
+
+    ``manifest.csv`` is started afresh (header only) on opening; each caption's rows are appended in one write
+    and flushed to disk before the next caption, after its images: a row never names an image not yet written."""
+
+    def __init__(self, out: str | Path, top: int, sheet_limit: int | None = None):
+        self.out, self.top, self.sheet_limit, self.captions = Path(out), top, sheet_limit, 0
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.manifest = self.out / "manifest.csv"
+        tmp = self.manifest.with_name(f".manifest.csv.tmp-{os.getpid()}")
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS).writeheader()
+        os.replace(tmp, self.manifest)  # an older manifest never mixes with this run's rows
+        self.handle = self.manifest.open("a", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.handle, fieldnames=MANIFEST_COLUMNS)
+        self.sheet_images: list[np.ndarray] = []
+        self.sheet_captions: list[str] = []
+
+    def add(self, result: Candidates) -> None:
+        index, rows = self.captions, []
+        images, scores = result.best(self.top)
         for rank, (image, score) in enumerate(zip(images, scores)):
             name = f"{index}_{rank}.png"
-            Image.fromarray(image).save(out / name)
+            Image.fromarray(image).save(self.out / name)
             rows.append({"caption": result.caption, "path": name, "rank": rank, "score": f"{score:.6f}"})
-            sheet_images.append(image)
-            sheet_captions.append(result.caption if top == 1 else f"{result.caption} (#{rank})")
-    manifest = out / "manifest.csv"
-    tmp = manifest.with_name(f".manifest.csv.tmp-{os.getpid()}")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, manifest)  # a reader never sees half a manifest
-    if sheet_images:
-        contact_sheet(sheet_images, sheet_captions, columns=min(8, len(sheet_images))).save(out / "sheet.png")
-    return manifest
+            if self.sheet_limit is None or len(self.sheet_images) < self.sheet_limit:
+                self.sheet_images.append(image)
+                self.sheet_captions.append(result.caption if self.top == 1 else f"{result.caption} (#{rank})")
+        self.writer.writerows(rows)
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.captions += 1
+
+    def close(self) -> Path:
+        """Finish: close the manifest and write ``sheet.png``; returns the manifest path."""
+        self.handle.close()
+        if self.sheet_images:
+            columns = min(8, len(self.sheet_images))
+            contact_sheet(self.sheet_images, self.sheet_captions, columns=columns).save(self.out / "sheet.png")
+        return self.manifest
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.handle.closed:
+            self.handle.close()  # on an error: what was written stays, no sheet
+
+
+def write_outputs(out: str | Path, results: Iterable[Candidates], top: int, sheet_limit: int | None = None) -> Path:
+    """Write the kept images, ``manifest.csv`` and ``sheet.png`` into ``out`` caption by caption as ``results``
+    yields them (see ``OutputWriter``); returns the manifest path."""
+    with OutputWriter(out, top, sheet_limit) as writer:
+        for result in results:
+            writer.add(result)
+            del result  # freed before the next caption is drawn, not when the loop rebinds the name
+        return writer.close()

@@ -89,6 +89,7 @@ BAD_EDGES = {
     "tiny": "too_small",
     "wide": "extreme_aspect",
     "bomb": "decompression_bomb",
+    "heic": "missing_codec",
 }
 # Per layout: a CSV is one text file, so a non-UTF-8 caption would sink the whole manifest, not one row.
 LAYOUT_BAD_EDGES = {
@@ -239,6 +240,8 @@ def edge_items() -> list[dict]:
     strip = crop("hubble").resize((640, 64))
     add("wide", "extreme_aspect", "hubble", _jpeg(strip), "jpg", strip.size)
     add("bomb", "decompression_bomb", "moon", _bomb_png(), "png", (30_000, 30_000))
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)  # an iPhone photo's signature
+    add("heic", "missing_codec", "coffee", heic, "heic", (64, 64))
     add("no-caption", "missing_caption", "grass", _jpeg(crop("grass")), "jpg", (64, 64), None)
     add("no-image", "missing_image", "gravel", None, "jpg", (0, 0))
     return items

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from dalle.config import DataConfig
+from dalle.data import decode
 from dalle.data.decode import SKIP_REASONS, Skip, decode_captions, decode_image
 
 SIZE = 16
@@ -200,6 +201,35 @@ def test_never_raises_anything_but_skip_on_corrupted_bytes():
             assert decode_image(data.tobytes(), _cfg()).shape == (SIZE, SIZE, 3)
         except Skip as skip:
             assert skip.reason in SKIP_REASONS
+
+
+HEIC_HEADER = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)
+JXL_CODESTREAM = b"\xff\x0a" + bytes(200)
+
+
+@pytest.mark.parametrize("data,fmt,hint", [(HEIC_HEADER, "HEIF", "pillow-heif"), (JXL_CODESTREAM, "JXL", "jxl")])
+def test_a_format_without_a_decoder_here_is_missing_codec_not_unreadable(data, fmt, hint):
+    with pytest.raises(Skip) as caught:  # this Pillow has no HEIF or JPEG XL plugin
+        decode_image(data, _cfg())
+    assert caught.value.reason == "missing_codec"
+    assert caught.value.detail.startswith(f"{fmt} image") and hint in caught.value.detail
+
+
+def test_missing_codec_reads_the_signature_and_asks_pillow(monkeypatch):
+    webp = _encode(Image.fromarray(_noise(40, 40)), "WEBP")
+    assert decode.missing_codec(webp) is None  # the wheel's Pillow decodes WebP
+    monkeypatch.setattr(decode.features, "check", lambda name: name != "webp")  # a Pillow built without libwebp
+    assert decode.missing_codec(webp) == "WEBP"
+    assert decode.missing_codec(_encode(Image.fromarray(_noise(40, 40)), "PNG")) is None
+
+
+def test_memory_error_is_not_a_bad_file(monkeypatch):
+    def out_of_memory(data, cfg):
+        raise MemoryError
+
+    monkeypatch.setattr(decode, "_decode", out_of_memory)
+    with pytest.raises(MemoryError):
+        decode_image(_encode(Image.fromarray(_noise(40, 40))), _cfg())
 
 
 def test_skip_pickles_for_worker_processes():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,48 @@ def test_models_from_different_runs_are_refused_naming_both_folders(tmp_path, mo
         load_models(root)
     assert f"{root / 'dvae'} turns 32 px images into a 8² grid but {root / 'prior'} models a 4² grid" in str(info.value)
     assert f"{root / 'clip'} scores 16 px images but {root / 'dvae'} makes 32 px" in str(info.value)
+
+
+def test_a_crash_midway_keeps_every_finished_caption(tmp_path, models_dir, monkeypatch):
+    """Output is written per caption: a failure at caption 3 of 5 leaves captions 0-1 complete on disk."""
+    real = generate_module.generate
+
+    def failing(*args, **kwargs):
+        for index, result in enumerate(real(*args, **kwargs)):
+            if index == 2:
+                raise RuntimeError("out of memory at caption 2")
+            yield result
+
+    monkeypatch.setattr(cli, "generate", failing)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("".join(f"a small red circle {i}\n" for i in range(5)), encoding="utf-8")
+    out = tmp_path / "out"
+    args = ["generate", "--captions", str(captions), "--out", str(out), "--models", str(models_dir), "--top", "2"]
+    with pytest.raises(RuntimeError, match="caption 2"):
+        cli.main([*args, "--candidates", "3"])
+    rows = read_manifest(out / "manifest.csv")
+    assert [(r["caption"], r["path"]) for r in rows] == [
+        ("a small red circle 0", "0_0.png"),
+        ("a small red circle 0", "0_1.png"),
+        ("a small red circle 1", "1_0.png"),
+        ("a small red circle 1", "1_1.png"),
+    ]
+    assert sorted(p.name for p in out.glob("*.png")) == ["0_0.png", "0_1.png", "1_0.png", "1_1.png"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_candidates_are_not_accumulated(tmp_path, models_dir, monkeypatch):
+    """The CLI holds one caption's candidates at a time: the previous ones are freed before the next is drawn."""
+    real, alive = generate_module.generate, []
+
+    def watched(*args, **kwargs):
+        for result in real(*args, **kwargs):
+            alive.append(weakref.ref(result))
+            assert sum(ref() is not None for ref in alive) == 1, "an earlier caption's candidates are still held"
+            yield result
+
+    monkeypatch.setattr(cli, "generate", watched)
+    out = tmp_path / "out"
+    args = ["generate", "--out", str(out), "--models", str(models_dir), "--candidates", "2"]
+    assert cli.main([*args, *sum((["--caption", f"a small red circle {i}"] for i in range(4)), [])]) == 0
+    assert len(read_manifest(out / "manifest.csv")) == 4

@@ -20,7 +20,7 @@ from dalle.config import DataConfig
 from dalle.data.decode import SKIP_REASONS, Skip, decode_captions, decode_image
 
 N = 240
-IMAGE_EXTS = ("jpg", "png", "webp")
+IMAGE_EXTS = ("jpg", "png", "webp", "heic")
 CFG = DataConfig(image_size=32)  # the defaults: min_size 32, max_aspect 3, max_pixels ~89 M
 LISTING_REASONS = ("missing_caption", "missing_image")  # found by a reader before anything is decoded
 

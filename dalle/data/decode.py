@@ -19,7 +19,8 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+import PIL
+from PIL import Image, ImageOps, features
 
 from dalle.config import DataConfig
 
@@ -27,6 +28,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "zero_byte",
     "truncated",
     "unreadable_image",
+    "missing_codec",
     "decompression_bomb",
     "too_small",
     "extreme_aspect",
@@ -52,7 +54,9 @@ def decode_image(data: bytes, cfg: DataConfig) -> np.ndarray:
     """Decode ``data`` to uint8 RGB ``(cfg.image_size, cfg.image_size, 3)``: shorter side resized, centre cropped.
 
     Transparency is composited on ``cfg.background``, EXIF orientation applied, animations give their first
-    frame. Raises ``Skip`` for anything that cannot or should not become a training image; nothing else.
+    frame. Raises ``Skip`` for anything that cannot or should not become a training image. A file in a format that
+    this Pillow has no decoder for (HEIC without pillow-heif, say) is ``missing_codec``, not ``unreadable_image``:
+    the file may be fine. ``MemoryError`` is the machine's problem, not the file's, and propagates.
     """
     if not data:
         raise Skip("zero_byte", "0 bytes")
@@ -61,18 +65,52 @@ def decode_image(data: bytes, cfg: DataConfig) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             return _decode(data, cfg)
-        except Skip:
+        except (Skip, MemoryError):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise Skip("decompression_bomb", str(err)) from err
-        except OSError as err:
+        except Exception as err:  # PIL's plugins also raise SyntaxError, ValueError, EOFError, ... on bad input
+            if (fmt := missing_codec(data)) is not None:
+                detail = f"{fmt} image; this Pillow {PIL.__version__} cannot decode it: {CODEC_HINTS[fmt]}"
+                raise Skip("missing_codec", detail) from err
             # PIL has no truncation exception type; its messages are "image file is truncated (...)" and
             # "Truncated File Read". WebP's decoder only says it failed, so its RIFF length tells instead.
-            if "truncated" in str(err).lower() or _riff_truncated(data):
+            if isinstance(err, OSError) and ("truncated" in str(err).lower() or _riff_truncated(data)):
                 raise Skip("truncated", f"{len(data)} bytes: {err}") from err
             raise Skip("unreadable_image", f"{type(err).__name__}: {err}") from err
-        except Exception as err:  # PIL's plugins also raise SyntaxError, ValueError, EOFError, ... on bad input
-            raise Skip("unreadable_image", f"{type(err).__name__}: {err}") from err
+
+
+# Formats recognised by their signature, for telling "no decoder here" from "not an image": how to get a decoder.
+CODEC_HINTS = {
+    "HEIF": "pip install pillow-heif and call pillow_heif.register_heif_opener(), or convert the files to JPEG",
+    "AVIF": "install a Pillow built with libavif (Pillow >= 11.3 wheels have it), or pillow-avif-plugin",
+    "WEBP": "install a Pillow built with libwebp (the PyPI wheels have it)",
+    "JPEG2000": "install a Pillow built with OpenJPEG (the PyPI wheels have it)",
+    "JXL": "pip install pillow-jxl-plugin, or convert the files",
+}
+_LIBRARIES = {"WEBP": "webp", "JPEG2000": "jpg_2000", "AVIF": "avif"}
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+
+
+def missing_codec(data: bytes) -> str | None:
+    """The format of ``data`` (from its signature) when this Pillow has no decoder for it; None otherwise."""
+    fmt = None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        fmt = "WEBP"
+    elif data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        fmt = "AVIF"
+    elif data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        fmt = "HEIF"
+    elif data[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n" or data[:4] == b"\xff\x4f\xff\x51":
+        fmt = "JPEG2000"
+    elif data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        fmt = "JXL"
+    if fmt is None:
+        return None
+    Image.init()
+    library = _LIBRARIES.get(fmt)  # formats whose plugin is always registered but needs a compiled library
+    decodable = fmt in Image.OPEN and (library is None or features.check(library))
+    return None if decodable else fmt
 
 
 def _decode(data: bytes, cfg: DataConfig) -> np.ndarray:

@@ -2,9 +2,9 @@
 
 Three layouts, chosen by ``data.source``; each is listed lazily as :class:`RawSample` s, nothing decoded yet:
 
-- ``folder``: ``data.path`` is a directory, searched recursively, of images (.jpg/.jpeg/.png/.webp, any case),
-  each with a same-stem ``.txt`` beside it holding one caption per line, and optionally a same-stem ``.json``
-  of metadata. Sorted by path.
+- ``folder``: ``data.path`` is a directory, searched recursively, of images (``IMAGE_SUFFIXES``, any case: JPEG,
+  PNG, WebP, AVIF, HEIC/HEIF, JPEG XL, JPEG 2000, TIFF, BMP, GIF), each with a same-stem ``.txt`` beside it
+  holding one caption per line, and optionally a same-stem ``.json`` of metadata. Sorted by path.
 - ``manifest``: ``data.path`` is a CSV or Parquet file with columns ``image`` (relative to the manifest's
   directory, or absolute) and ``caption``; further columns are metadata. Rows naming the same image become one
   sample with several captions. Sorted by path.
@@ -37,7 +37,10 @@ import pandas as pd
 
 from dalle.config import DataConfig
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+# Photo formats are all listed, also those this Pillow may not decode (HEIC without pillow-heif): such a file is
+# counted as a missing_codec skip with the way to a decoder, not silently left out of the listing.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".heic", ".heif", ".jxl", ".jp2", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES += (".gif",)
 MANIFEST_READERS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 MANIFEST_COLUMNS = ("image", "caption")
 SPLITS = ("train", "val", "test")
