@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -518,7 +519,8 @@ def _check_schedules(schedules: tuple[str, ...]) -> None:
     _check(len(set(schedules)) == len(schedules), "schedules", "lists a schedule twice")
 
 
-SearchSpace = dict[str, tuple[str | int | float, ...]]
+# [kind, low, high(, log)] or [categorical, choice, ...]; a choice may be any value a params key can hold.
+SearchSpace = dict[str, tuple[str | bool | int | float | None, ...]]
 
 
 def _default_dvae_space() -> SearchSpace:
@@ -540,7 +542,8 @@ class SweepConfig:
     """Optuna sweeps (``python -m pipelines.sweep``): search spaces over the ``dvae`` and ``prior`` sections.
 
     A space maps a key of the target section to ``[float, low, high]`` or ``[float, low, high, log]``,
-    ``[int, low, high]`` (optionally ``log``) or ``[categorical, choice, ...]``.
+    ``[int, low, high]`` (optionally ``log``) or ``[categorical, choice, ...]``, checked against the key's type:
+    ``float`` ranges for number keys, ``int`` ranges for integer keys, choices of the key's own type.
     """
 
     storage: str | None = None
@@ -558,24 +561,47 @@ class SweepConfig:
             _check(getattr(self, key) >= 4, key, f"must be >= 4 (four intermediate reports), got {getattr(self, key)}")
         for target, section in (("dvae", DvaeConfig), ("prior", PriorConfig)):
             names = [f.name for f in dataclasses.fields(section)]
+            hints = typing.get_type_hints(section)
             for name, spec in getattr(self, target).items():
                 key = f"{target}.{name}"
                 known = ", ".join(names)
                 _check(name in names, key, f"unknown parameter of the {target} section; expected one of: {known}")
-                _check_spec(key, spec)
+                _check_spec(key, spec, hints[name])
 
 
-def _check_spec(key: str, spec: tuple) -> None:
+def _check_spec(key: str, spec: tuple, hint: Any) -> None:
+    """One search space against the annotation ``hint`` of the key it samples: a ``float`` range only for a number
+    key, an ``int`` range only for an integer key, categorical choices only of the key's own type."""
     kind = spec[0] if spec else None
     _check(kind in ("float", "int", "categorical"), key, f"must start with float, int or categorical, got {list(spec)}")
     if kind == "categorical":
         _check(len(spec) >= 2, key, "a categorical space needs at least one choice")
+        for choice in spec[1:]:
+            _check(
+                _fits(choice, hint),
+                key,
+                f"choice {choice!r} ({type(choice).__name__}) is not {_describe(hint)}{_yaml_note(choice)}",
+            )
         return
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] if optional else [hint]
+    numeric = {float: "float", int: "int"}.get(inner[0]) if len(inner) == 1 else None
+    _check(
+        numeric is not None,
+        key,
+        f"takes {_describe(hint)}; a {kind} range cannot sample it, use [categorical, choice, ...]",
+    )
+    _check(
+        kind == numeric,
+        key,
+        f"takes {_describe(inner[0])}: use [{numeric}, low, high] or [{numeric}, low, high, log], got {list(spec)}",
+    )
     numbers = spec[1:3]
     _check(
         len(spec) in (3, 4) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers),
         key,
-        f"expected [{kind}, low, high] or [{kind}, low, high, log], got {list(spec)}",
+        f"expected [{kind}, low, high] or [{kind}, low, high, log], got {list(spec)}"
+        + "".join(_yaml_note(v) for v in numbers),
     )
     _check(numbers[0] < numbers[1], key, f"empty range: low {numbers[0]} must be below high {numbers[1]}")
     if len(spec) == 4:
@@ -583,6 +609,24 @@ def _check_spec(key: str, spec: tuple) -> None:
         _check(numbers[0] > 0, key, f"a log range needs low > 0, got {numbers[0]}")
     if kind == "int":
         _check(all(isinstance(v, int) for v in numbers), key, f"int bounds must be integers, got {list(numbers)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is valid for a key annotated ``hint`` (the check params.yaml's own values get)."""
+    try:
+        _coerce(value, hint, "", "")
+    except ParamsError:
+        return False
+    return True
+
+
+def _yaml_note(value: Any) -> str:
+    """A hint for a number that YAML 1.1 read as a string: ``1e-3`` needs a dot and a signed exponent."""
+    if not isinstance(value, str) or not re.fullmatch(r"[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+", value):
+        return ""
+    mantissa, _, exponent = repr(float(value)).partition("e")
+    written = f"{mantissa}{'' if '.' in mantissa else '.0'}e{exponent}" if exponent else mantissa
+    return f"; YAML reads {value} as a string, write {written}"
 
 
 @dataclass(frozen=True)
@@ -725,6 +769,13 @@ def _coerce(value: Any, hint: Any, source: str, key: str) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
         return "a list"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))

@@ -10,7 +10,8 @@ stage's validation loss (dVAE: bits/dim; prior: image bits/token), reported four
 Storage: ``sqlite:///<repo>/optuna.db`` by default, any RDB URL (PostgreSQL for many machines; heartbeats let a
 killed worker's trial be failed and retried), or a journal file (``*.log``). The same command on several
 machines with the same storage joins the same study. Writes ``sweeps/<study>/best_params.yaml`` in params.yaml
-form and prints the ``dvc exp run -S ...`` command that applies it.
+form and prints the ``dvc exp run -S ...`` command that applies it. Exits non-zero, with the MLflow parent run
+marked FAILED, when a worker process died or none of this command's trials completed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ import dataclasses
 import math
 import multiprocessing
 import os
+import signal
+import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -61,6 +65,11 @@ from pipelines.train_prior import TOKENS  # noqa: E402
 
 OBJECTIVE = {"dvae": "val_bits_per_dim", "prior": "val_image_bits"}
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# RDB storages: a worker records a heartbeat for its running trial this often; the next worker to start a trial
+# fails a RUNNING trial whose heartbeat is older than the grace period and queues one retry of its params.
+HEARTBEAT_INTERVAL_S = 60
+GRACE_PERIOD_S = 180
+SQLITE_TIMEOUT_S = 60  # how long a write to a SQLite study waits for another worker's lock ("database is locked")
 
 
 class SweepError(ValueError):
@@ -72,11 +81,13 @@ def storage_for(url: str | None):
     url = url or f"sqlite:///{repo_root() / 'optuna.db'}"
     if url.endswith(".log"):
         return JournalStorage(JournalFileBackend(url))
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else {}
     try:
         return RDBStorage(
             url,
-            heartbeat_interval=60,
-            grace_period=180,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=HEARTBEAT_INTERVAL_S,
+            grace_period=GRACE_PERIOD_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
         )
     except Exception as err:  # any failure to open it means no trial can run; name the storage
@@ -131,6 +142,8 @@ class Reporter(MlflowCurves, DvaeCallbacks, PriorCallbacks):
 
 
 def objective(trial: optuna.Trial, args: argparse.Namespace, params: Params, parent: str, data: dict) -> object:
+    trial.set_user_attr("mlflow_parent_run_id", parent)  # which sweep command ran it (several may share a study)
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     values = suggest(trial, getattr(params.sweep, args.target))
     two_objectives = args.objectives == ["loss", "seconds"]
     uri = tracking_uri()
@@ -215,8 +228,51 @@ def make_pruner(params: Params, target: str) -> optuna.pruners.BasePruner:
     if sweep.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sweep.pruner_startup_trials)
     if sweep.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=sweep.prior_steps)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=getattr(sweep, f"{target}_steps"))
     return optuna.pruners.NopPruner()
+
+
+def run_workers(args: argparse.Namespace, parent: str) -> list[str]:
+    """Run ``--workers`` workers (in this process when there is one) until they stop; what became of any worker
+    process that died."""
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    if args.workers == 1:
+        worker(args, parent, threads, args.trials)
+        return []
+    shares = [args.trials // args.workers + (i < args.trials % args.workers) for i in range(args.workers)]
+    context = multiprocessing.get_context("spawn")
+    processes = {
+        i: context.Process(target=worker, args=(args, parent, threads, n, i), name=f"sweep-worker-{i}")
+        for i, n in enumerate(shares)
+        if n
+    }
+    for process in processes.values():
+        process.start()
+    for process in processes.values():
+        process.join()
+    return [f"worker {i} of {len(processes)} {exit_reason(p.exitcode)}" for i, p in processes.items() if p.exitcode]
+
+
+def exit_reason(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def no_trial_completed(study: optuna.Study, parent: str) -> str | None:
+    """Why none of the trials run for the parent run ``parent`` completed, or None when one did."""
+    trials = [t for t in study.trials if t.user_attrs.get("mlflow_parent_run_id") == parent]
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    if not trials:
+        return "no trial ran"
+    states = Counter(t.state.name.lower() for t in trials)
+    reason = f"none of its {len(trials)} trials completed ({', '.join(f'{n} {s}' for s, n in states.items())})"
+    errors = [f"trial {t.number}: {t.user_attrs['error']}" for t in trials if "error" in t.user_attrs]
+    return reason + (f", first error: {' '.join(errors[0].split())[:300]}" if errors else "")
 
 
 def best_params(study: optuna.Study, target: str) -> dict:
@@ -289,41 +345,39 @@ def main(argv: list[str] | None = None) -> None:
     parent = client.create_run(experiment_id, run_name=f"sweep {args.study}", tags=tags).info.run_id
     study.set_user_attr("target", args.target)
     study.set_user_attr(f"mlflow_parent_run_id:{parent}", True)
-    started = time.monotonic()
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
-    shares = [args.trials // args.workers + (i < args.trials % args.workers) for i in range(args.workers)]
-    if args.workers == 1:
-        worker(args, parent, threads, args.trials)
-    else:
-        context = multiprocessing.get_context("spawn")
-        processes = [
-            context.Process(target=worker, args=(args, parent, threads, n, i)) for i, n in enumerate(shares) if n
-        ]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        failed = [p.exitcode for p in processes if p.exitcode]
-        if failed:
-            print(f"worker exit codes {failed}; their finished trials stay in the study", file=sys.stderr)
-    seconds = time.monotonic() - started
+    try:
+        started = time.monotonic()
+        problems = run_workers(args, parent)
+        seconds = time.monotonic() - started
 
-    study = optuna.load_study(study_name=args.study, storage=storage)
-    counts = {state.name.lower(): sum(t.state == state for t in study.trials) for state in FINISHED}
-    client.log_metric(parent, "sweep_seconds", seconds)
-    for name, count in counts.items():
-        client.log_metric(parent, f"trials_{name}", count)
-    out = args.out / args.study
-    out.mkdir(parents=True, exist_ok=True)
-    if counts["complete"]:
-        best = best_params(study, args.target)
-        (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
-        client.log_artifact(parent, str(out / "best_params.yaml"))
-        flags = " ".join(f"-S {args.target}.{k}={v}" for k, v in best[args.target].items())
-        print(f"best {OBJECTIVE[args.target]}: {study.best_trials[0].values[0]:.4f}; apply with: dvc exp run {flags}")
-    log_figures(study, client, parent, out)
-    client.set_terminated(parent)
+        study = optuna.load_study(study_name=args.study, storage=storage)
+        counts = {state.name.lower(): sum(t.state == state for t in study.trials) for state in FINISHED}
+        client.log_metric(parent, "sweep_seconds", seconds)
+        for name, count in counts.items():
+            client.log_metric(parent, f"trials_{name}", count)
+        out = args.out / args.study
+        out.mkdir(parents=True, exist_ok=True)
+        if counts["complete"]:
+            best = best_params(study, args.target)
+            (out / "best_params.yaml").write_text(yaml.safe_dump(best, sort_keys=False))
+            client.log_artifact(parent, str(out / "best_params.yaml"))
+            flags = " ".join(f"-S {args.target}.{k}={v}" for k, v in best[args.target].items())
+            best_value = study.best_trials[0].values[0]
+            print(f"best {OBJECTIVE[args.target]}: {best_value:.4f}; apply with: dvc exp run {flags}")
+        log_figures(study, client, parent, out)
+        reason = no_trial_completed(study, parent)
+        if reason:
+            problems.append(reason)
+    except BaseException as err:
+        client.set_terminated(parent, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
     print(f"study {args.study}: {counts} in {seconds:.0f} s; MLflow parent run {parent}")
+    if problems:
+        message = f"sweep {args.study} failed: {'; '.join(problems)}; MLflow parent run {parent} marked FAILED"
+        client.set_tag(parent, "error", message)
+        client.set_terminated(parent, status="FAILED")
+        raise SystemExit(message)
+    client.set_terminated(parent)
 
 
 if __name__ == "__main__":
