@@ -414,6 +414,11 @@ class EvalNetConfig:
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
 
 
+# The smallest Gaussian blur (pixels at the working resolution) accepted for FID vs blur. Below 0.285 px not even a
+# 0-to-255 edge changes by half a level, so the 8-bit image is unchanged; at 0.5 px such an edge moves by 27 levels.
+MIN_BLUR_SIGMA = 0.5
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """The ``evaluate`` stage: FID, FID vs blur, FID and accuracy (or CLIP-score) vs rerank N, retrieval, NLL on the
@@ -423,7 +428,7 @@ class EvalConfig:
     inception_weights: str | None = None
     n_captions: int = 128
     rerank_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    blur_radii: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    blur_radii: tuple[float, ...] = (0.0, 4.0, 8.0, 16.0, 32.0)
     sheet_captions: int = 32
 
     def __post_init__(self):
@@ -652,6 +657,15 @@ class Params:
             raise FieldError(
                 "data.image_size",
                 f"{self.data.image_size} is not divisible by dvae.downsample={self.dvae.downsample}",
+            )
+        sigmas = {r: r * self.data.image_size / 256 for r in self.eval.blur_radii if r > 0}
+        if too_small := [r for r, sigma in sigmas.items() if sigma < MIN_BLUR_SIGMA]:
+            smallest = MIN_BLUR_SIGMA * 256 / self.data.image_size
+            raise FieldError(
+                "eval.blur_radii",
+                f"{too_small} blur by less than {MIN_BLUR_SIGMA} px at data.image_size="
+                f"{self.data.image_size} (radii are pixels at 256 px), which leaves 8-bit images (nearly) unchanged "
+                f"and FID with them; use 0 or radii >= {smallest:g}",
             )
         if self.data.image_size % 2**self.clip.image_stages:
             raise FieldError(

@@ -8,7 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from dalle.config import DataConfig, EvalNetConfig
+from dalle.config import MIN_BLUR_SIGMA, DataConfig, EvalConfig, EvalNetConfig, FieldError, Params
 from dalle.data.shapes import iter_shapes
 from dalle.evalnet import EvalNet, caption_accuracy, image_features, train_evalnet
 from dalle.fid import blur, frechet_distance
@@ -64,6 +64,31 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_blur(shapes):
     distances = [frechet_distance(real, image_features(net, blur(images[800:], sigma))) for sigma in (0, 0.5, 1, 2)]
     assert distances[0] < distances[1] < distances[2] < distances[3], distances
     assert distances[0] == pytest.approx(frechet_distance(real, other))
+
+
+def test_each_default_blur_radius_changes_8_bit_images_and_moves_fid(shapes):
+    """``eval.blur_radii`` are pixels at 256 px scaled to data.image_size; each must change the uint8 images, and
+    FID must grow with it (radii below MIN_BLUR_SIGMA at the working size are refused when params load)."""
+    (images, _), (test_images, _) = shapes
+    torch.manual_seed(0)
+    net = EvalNet(EvalNetConfig(), 32).eval()
+    real, test = image_features(net, images[:800]), test_images[:200]
+    distances = []
+    for radius in EvalConfig().blur_radii:
+        sigma = radius * DataConfig().image_size / 256
+        blurred = blur(test, sigma)
+        assert radius == 0 or sigma >= MIN_BLUR_SIGMA and (blurred != test).mean() > 0.05, (radius, sigma)
+        distances.append(frechet_distance(real, image_features(net, blurred)))
+    assert all(a < b for a, b in zip(distances, distances[1:])), distances
+    edge = np.zeros((1, 16, 16, 3), np.uint8)
+    edge[:, :, 8:] = 255
+    assert (blur(edge, 0.28) == edge).all() and (blur(edge, MIN_BLUR_SIGMA) != edge).any()
+
+
+def test_blur_radii_too_small_for_the_image_size_are_refused():
+    with pytest.raises(FieldError, match=r"eval\.blur_radii: \[1\.0, 2\.0\] blur by less than 0\.5 px.*radii >= 4"):
+        Params(eval=EvalConfig(blur_radii=(0.0, 1.0, 2.0, 8.0)))
+    assert Params(data=DataConfig(image_size=64), eval=EvalConfig(blur_radii=(0.0, 2.0))).eval.blur_radii[1] == 2.0
 
 
 def test_evalnet_reads_real_images_attributes_including_held_out_pairs(shapes):
