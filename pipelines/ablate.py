@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
@@ -35,7 +34,7 @@ from pipelines.evaluate import accuracy_by_group, feature_space
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
-from pipelines.tracking import MlflowCurves, tracking_uri, training_run
+from pipelines.tracking import MlflowCurves, check_reachable, log_metrics, log_params, tracking_uri, training_run
 from pipelines.train_dvae import PREPARED
 from pipelines.train_evalnet import load_evaluator
 from pipelines.train_prior import TOKENS, data_fingerprint, peak_memory_mb
@@ -58,7 +57,9 @@ def ablation_key(params: Params, fingerprint: str) -> str:
 
 def parent_run(params: Params, key: str) -> str:
     """The MLflow parent run of this ablation: the newest with this key, or a new one."""
-    client = MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    check_reachable(uri)  # the child runs' probe comes too late for this one
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(params.mlflow.experiment)
     runs = client.search_runs(
         [experiment.experiment_id], f"tags.ablation_key = '{key}' and tags.stage = 'ablation'", max_results=1
@@ -111,10 +112,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.checkpoints / f"{args.schedule}.pt"
     out = args.reports / args.schedule
     tags = {"mlflow.parentRunId": parent, "ablation_schedule": args.schedule}
-    with training_run(f"ablate@{args.schedule}", params, checkpoint, cfg.resume, tags) as run:
-        if not run.data.params.get("ablation.layer_kinds"):
-            kinds = ",".join(layer_kinds(cfg.schedule, cfg.n_layers))
-            mlflow.log_params({"ablation.schedule": args.schedule, "ablation.layer_kinds": kinds})
+    with training_run(f"ablate@{args.schedule}", params, checkpoint, cfg.resume, tags, reports=out) as run:
+        kinds = ",".join(layer_kinds(cfg.schedule, cfg.n_layers))  # logged again on a resume: the same values
+        log_params({"ablation.schedule": args.schedule, "ablation.layer_kinds": kinds})
         started = time.monotonic()
         callbacks = MlflowCallbacks()
         result = train_prior(
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics["clip_score"] = evaluator.clip_score(images, captions)
         write_json(out / "metrics.json", metrics)
         write_csv(out / "history.csv", result.history)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
     print(f"ablate@{args.schedule}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items() if isinstance(v, float)))
 
 

@@ -25,7 +25,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import mlflow
 import torch
 from tqdm import tqdm
 
@@ -49,7 +48,7 @@ from dalle.training import default_device
 from pipelines.bench_report import headline, markdown
 from pipelines.params import load_params
 from pipelines.reports import write_json
-from pipelines.tracking import flat_metrics, stage_run
+from pipelines.tracking import flat_metrics, log_artifact, log_dict, log_metrics, stage_run
 
 REPORT_DIR = Path("reports/bench")
 
@@ -279,16 +278,16 @@ def main(argv: list[str] | None = None) -> None:
     device = default_device()
     description = machine(device)
     tags = {f"machine.{key}": str(value) for key, value in description.items()}
-    with stage_run("benchmark", params, tags=tags):
+    with stage_run("benchmark", params, tags=tags, reports=args.out):
         results = run_benchmark(params, device, args.out / "partial.json", args.peer)
         write_json(args.out / "results.json", results)
         write_json(args.out / "metrics.json", results["headline"])  # the ratios, for `dvc metrics show`
         (args.out / "results.md").write_text(markdown(results))
         (args.out / "partial.json").unlink(missing_ok=True)
-        mlflow.log_metrics(flat_metrics({k: v for k, v in results.items() if k not in ("machine", "settings")}))
-        mlflow.log_dict(results["machine"], "machine.json")
-        mlflow.log_artifact(str(args.out / "results.json"))
-        mlflow.log_artifact(str(args.out / "results.md"))
+        log_metrics(flat_metrics({k: v for k, v in results.items() if k not in ("machine", "settings")}))
+        log_dict(results["machine"], "machine.json")
+        log_artifact(str(args.out / "results.json"))
+        log_artifact(str(args.out / "results.md"))
     print((args.out / "results.md").read_text())
 
 

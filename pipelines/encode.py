@@ -19,7 +19,6 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ from dalle.dvae_train import codebook_usage
 from dalle.text import TextTokenizer
 from pipelines.params import load_params
 from pipelines.reports import write_csv
-from pipelines.tracking import stage_run
+from pipelines.tracking import log_artifact, log_metrics, stage_run
 from pipelines.train_dvae import MODEL_DIR, PREPARED
 
 TOKENS = Path("data/tokens")
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             require_complete(staging, tasks)  # before the MLflow run opens
         model = load_dvae(args.models, device)
         tokenizer = TextTokenizer.from_file(args.prepared / "tokenizer.json")
-        with stage_run("encode", params) if rank == 0 and publishing else nullcontext():
+        with stage_run("encode", params, reports=args.reports) if rank == 0 and publishing else nullcontext():
             selected = [] if args.merge else tasks[args.shards or slice(None)]
             mine = [task for task in selected if task.number % world == rank]
             selected_range = "{}:{}".format(*args.shards.indices(len(tasks))[:2]) if args.shards else "all"
@@ -143,8 +142,8 @@ def report(tokens: Path, reports: Path, codebook_size: int, grid: int, shard_row
     ranked = np.sort(usage)[::-1]
     write_csv(reports / "codebook_usage.csv", [{"rank": i, "count": int(c)} for i, c in enumerate(ranked)])
     write_csv(reports / "shards.csv", shard_rows)  # which process encoded each shard, and how long it took
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not isinstance(v, dict)})
-    mlflow.log_artifact(str(reports / "codebook_usage.csv"))
+    log_metrics({k: float(v) for k, v in metrics.items() if not isinstance(v, dict)})
+    log_artifact(str(reports / "codebook_usage.csv"))
     print(
         f"encoded {sum(metrics['captions'].values())} captions; "
         f"{metrics['train_used_fraction']:.0%} of codes used on train (perplexity {metrics['train_perplexity']:.0f})"

@@ -25,7 +25,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -43,7 +42,7 @@ from dalle.viz import contact_sheet  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 from pipelines.reports import write_csv, write_json  # noqa: E402
 from pipelines.sample import caption_rows  # noqa: E402
-from pipelines.tracking import stage_run  # noqa: E402
+from pipelines.tracking import log_artifact, log_metrics, stage_run  # noqa: E402
 from pipelines.train_dvae import PREPARED  # noqa: E402
 from pipelines.train_evalnet import load_evaluator  # noqa: E402
 from pipelines.train_prior import TOKENS  # noqa: E402
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     records = test.records.iloc[rows].reset_index(drop=True)
     captions = [str(caps[0]) for caps in records["captions"]]
     headline = sampling.candidates if sampling.candidates in cfg.rerank_n else cfg.rerank_n[-1]
-    with stage_run("evaluate", params):
+    with stage_run("evaluate", params, reports=args.reports):
         name, features = feature_space(cfg.fid_features, cfg.inception_weights, models, evalnet)
         fid_key = f"fid_{name}"
         results = list(
@@ -275,14 +274,14 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute, ATTRIBUTE_COLUMNS)
         pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute, params.data.source)
         sheets = write_sheets(args.reports / "sheets", captions, chosen_at, cfg.sheet_captions)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        log_metrics({k: float(v) for k, v in metrics.items()})
         for row in by_n:
             measured = {f"{k}_vs_n": float(v) for k, v in row.items() if k != "n" and v is not None}
-            mlflow.log_metrics(measured, step=row["n"])
+            log_metrics(measured, step=row["n"])
         for path in [*args.reports.glob("*.csv"), args.reports / "metrics.json", *pictures]:
-            mlflow.log_artifact(str(path))
+            log_artifact(str(path))
         for path in sheets:
-            mlflow.log_artifact(str(path), artifact_path="sheets")
+            log_artifact(str(path), artifact_path="sheets")
     scores = [f"{k} {v:.0%}" for k, v in metrics.items() if k.startswith(("accuracy_all", "retrieval_text_to_image"))]
     scores += [f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith("clip_score")]
     print(

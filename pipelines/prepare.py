@@ -5,12 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from dalle.data.prepare import SHEET_FILE, prepare_dataset
 from dalle.data.store import STATS_FILE
 from pipelines.params import load_params
-from pipelines.tracking import flat_metrics, stage_run
+from pipelines.tracking import flat_metrics, log_artifact, log_metrics, stage_run
 
 OUT_DIR = Path("data/prepared")
 
@@ -41,11 +39,11 @@ def main(argv: list[str] | None = None) -> None:
         prepare_dataset(params, args.out, units=args.shards)
         print(f"prepare: built units {args.shards.start}:{args.shards.stop} into the staging area beside {args.out}")
         return
-    with stage_run("prepare", params):
+    with stage_run("prepare", params, reports=args.out):
         stats = prepare_dataset(params, args.out)
-        mlflow.log_metrics(flat_metrics(stats))
-        mlflow.log_artifact(str(args.out / SHEET_FILE))
-        mlflow.log_artifact(str(args.out / STATS_FILE))
+        log_metrics(flat_metrics(stats))
+        log_artifact(str(args.out / SHEET_FILE))
+        log_artifact(str(args.out / STATS_FILE))
     n = stats["n_images"]
     print(
         f"prepared {n['train']} train / {n['val']} val / {n['test']} test images in {args.out}; "

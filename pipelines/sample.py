@@ -13,7 +13,6 @@ import argparse
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -26,7 +25,7 @@ from dalle.sampling import sample_image_tokens
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_json
-from pipelines.tracking import stage_run
+from pipelines.tracking import log_artifact, log_metrics, stage_run
 from pipelines.train_dvae import PREPARED
 from pipelines.train_evalnet import load_evaluator
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     models = load_models(args.models, default_device())
     evaluator = load_evaluator(args.models / "evalnet", models.device)
     captions, records = caption_set(args.prepared, cfg.n_captions)
-    with stage_run("sample", params) as run:
+    with stage_run("sample", params, reports=args.reports) as run:
         started = time.monotonic()
         results = list(
             generate(
@@ -139,9 +138,9 @@ def main(argv: list[str] | None = None) -> None:
             "candidates": cfg.candidates,
         }
         write_json(args.reports / "metrics.json", metrics)
-        mlflow.log_metrics(metrics)
-        mlflow.log_artifact(str(args.out / "sheet.png"))
-        mlflow.log_artifact(str(args.out / "manifest.csv"))
+        log_metrics(metrics)
+        log_artifact(str(args.out / "sheet.png"))
+        log_artifact(str(args.out / "manifest.csv"))
     headline = ("all_n1", f"all_n{cfg.candidates}")
     summary = ", ".join(
         f"{k} {v:.1f}" if k.startswith("clip_score") else f"{k} {v:.0%}"

@@ -11,8 +11,6 @@ import shutil
 import time
 from pathlib import Path
 
-import mlflow
-
 from dalle.checkpoint import save_weights
 from dalle.clip import Clip
 from dalle.clip_train import Callbacks, TrainResult, train_clip
@@ -22,7 +20,7 @@ from dalle.data.tokens import TokenSplit, load_tokens
 from dalle.text import TextTokenizer
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
-from pipelines.tracking import MlflowCurves, training_run
+from pipelines.tracking import MlflowCurves, log_artifact, log_metrics, training_run
 from pipelines.train_dvae import PREPARED
 from pipelines.train_dvae import data_fingerprint as prepared_fingerprint
 from pipelines.train_prior import TOKENS
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     cfg = params.clip
     data = ContrastiveData.load(params, args.prepared, args.tokens)
-    with training_run("train_clip", params, args.checkpoint, cfg.resume) as run:
+    with training_run("train_clip", params, args.checkpoint, cfg.resume, reports=args.reports) as run:
         result, seconds = fit(cfg, params.seed, data, args.checkpoint, params.loader)
         model = result.model
         config = {**dataclasses.asdict(cfg), **model_dims(model)}
@@ -118,9 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.reports / "history.csv", result.history)
         write_csv(args.reports / "val_history.csv", result.val_history)
         for name in ("metrics.json", "history.csv", "val_history.csv"):
-            mlflow.log_artifact(str(args.reports / name))
-        mlflow.log_artifact(str(args.models / "config.json"), artifact_path="model")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
+            log_artifact(str(args.reports / name))
+        log_artifact(str(args.models / "config.json"), artifact_path="model")
+        log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
     print(
         f"reranker: text→image top-1 {metrics['val_text_to_image_top1']:.1%}, "
         f"top-5 {metrics['val_text_to_image_top5']:.1%}, {seconds:.0f} s; MLflow run {run.info.run_id}"

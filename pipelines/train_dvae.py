@@ -11,7 +11,6 @@ import json
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -22,7 +21,7 @@ from dalle.dvae_train import Callbacks, reconstruct, train_dvae, training_images
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_csv
-from pipelines.tracking import MlflowCurves, training_run
+from pipelines.tracking import MlflowCurves, log_artifact, log_image, log_metrics, training_run
 
 PREPARED = Path("data/prepared")
 MODEL_DIR = Path("models/dvae")
@@ -32,7 +31,7 @@ CHECKPOINT = Path("checkpoints/dvae/last.pt")
 
 class MlflowCallbacks(MlflowCurves, Callbacks):
     def on_images(self, step: int, grid: np.ndarray) -> None:
-        mlflow.log_image(grid, key="reconstructions", step=step)
+        log_image(grid, key="reconstructions", step=step)
 
 
 def data_fingerprint(prepared: Path) -> str:
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
     train, val = load_split(args.prepared, "train", cache), load_split(args.prepared, "val", cache)
     n_train = training_images(cfg, len(train))  # fails on a bad dvae.train_images before the MLflow run opens
-    with training_run("train_dvae", params, args.checkpoint, cfg.resume) as run:
+    with training_run("train_dvae", params, args.checkpoint, cfg.resume, reports=args.reports) as run:
         started = time.monotonic()
         result = train_dvae(
             cfg,
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.monotonic() - started
         save_weights(result.model, args.models, {**dataclasses.asdict(cfg), "image_size": params.data.image_size})
         attributes = reconstruction_attributes(result.model, args.prepared)
-        mlflow.log_metrics(attributes)
+        log_metrics(attributes)
         metrics = {
             **result.final,
             **attributes,
@@ -104,9 +103,9 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.reports / "history.csv", result.history)
         write_csv(args.reports / "val_history.csv", result.val_history)
         for path in ("metrics.json", "history.csv", "val_history.csv"):
-            mlflow.log_artifact(str(args.reports / path))
-        mlflow.log_artifact(str(args.models / "config.json"), artifact_path="model")
-        mlflow.log_metric("train_seconds_this_run", seconds)
+            log_artifact(str(args.reports / path))
+        log_artifact(str(args.models / "config.json"), artifact_path="model")
+        log_metrics({"train_seconds_this_run": seconds})
     print(
         f"dVAE: val PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_used_fraction']:.0%} codes used, "
         f"{seconds:.0f} s; MLflow run {run.info.run_id}"

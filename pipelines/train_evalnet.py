@@ -23,7 +23,6 @@ import shutil
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 
@@ -43,7 +42,7 @@ from dalle.evalnet import HEADS, EvalNet, caption_accuracy, load_evalnet, train_
 from dalle.training import default_device
 from pipelines.params import load_params
 from pipelines.reports import write_json
-from pipelines.tracking import stage_run, training_run
+from pipelines.tracking import log_metrics, stage_run, training_run
 from pipelines.train_clip import ContrastiveData, fit, model_dims
 from pipelines.train_dvae import PREPARED
 from pipelines.train_prior import TOKENS
@@ -86,7 +85,7 @@ def render_all_pairs(params) -> tuple[np.ndarray, list[dict]]:
 def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[str, float]:
     cfg = params.evalnet
     test = load_split(args.prepared, "test")
-    with stage_run("train_evalnet", params):
+    with stage_run("train_evalnet", params, reports=args.reports):
         shutil.rmtree(args.models, ignore_errors=True)
         started = time.monotonic()
         images, records = render_all_pairs(params)
@@ -104,7 +103,7 @@ def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[st
                 accuracy = caption_accuracy(model, test.images[chosen], test.records.iloc[chosen].to_dict("records"))
                 metrics.update({f"test_{key}_{name}": value for key, value in accuracy.items()})
         write_json(args.reports / "metrics.json", metrics)
-        mlflow.log_metrics(metrics)
+        log_metrics(metrics)
     print(", ".join(f"{k} {v:.1%}" for k, v in metrics.items() if k.endswith(("all_seen", "all_held_out"))))
     return metrics
 
@@ -113,7 +112,7 @@ def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, 
     cfg, seed = params.clip, params.seed + EVALNET_SEED_OFFSET
     data = ContrastiveData.load(params, args.prepared, args.tokens)
     test = load_split(args.prepared, "test", params.data.cache_mb * 2**20)
-    with training_run("train_evalnet", params, args.checkpoint, cfg.resume):
+    with training_run("train_evalnet", params, args.checkpoint, cfg.resume, reports=args.reports):
         shutil.rmtree(args.models, ignore_errors=True)
         result, seconds = fit(cfg, seed, data, args.checkpoint, params.loader)
         model = result.model
@@ -133,7 +132,7 @@ def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, 
             "train_seconds_this_run": round(seconds, 1),
         }
         write_json(args.reports / "metrics.json", metrics)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
+        log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
     print(
         f"evalnet (contrastive scorer, seed {seed}): test text→image R@1 {metrics['test_text_to_image_r1']:.1%} "
         f"(chance {metrics['test_chance_r1']:.1%}), {seconds:.0f} s"

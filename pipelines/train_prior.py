@@ -19,7 +19,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,7 +32,7 @@ from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
-from pipelines.tracking import MlflowCurves, training_run
+from pipelines.tracking import MlflowCurves, log_artifact, log_image, log_metrics, training_run
 from pipelines.train_dvae import MODEL_DIR as DVAE_DIR
 from pipelines.train_dvae import PREPARED
 
@@ -55,7 +54,7 @@ class MlflowCallbacks(MlflowCurves, Callbacks):
         pixels = self.dvae.decode(torch.from_numpy(image_tokens.astype(np.int64)).to(device))  # (n, 3, S, S)
         images = (pixels.clamp(0, 1).permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
         sheet = contact_sheet(images, [f"{c} (step {step})" for c in self.captions], columns=4, cell=96)
-        mlflow.log_image(np.asarray(sheet), key="samples", step=step)
+        log_image(np.asarray(sheet), key="samples", step=step)
         self.sheet_path.parent.mkdir(parents=True, exist_ok=True)
         sheet.save(self.sheet_path)
 
@@ -130,7 +129,11 @@ def main(argv: list[str] | None = None) -> None:
     geometry = geometry_of(train_tokens, tokenizer.vocab_size, dvae.cfg.codebook_size)
     captions, ids, lengths = sample_captions(args.prepared, args.tokens, cfg.samples)
     callbacks = MlflowCallbacks(dvae, captions, args.reports / "samples.png")
-    run_context = training_run("train_prior", params, args.checkpoint, cfg.resume) if rank == 0 else nullcontext()
+    run_context = (
+        training_run("train_prior", params, args.checkpoint, cfg.resume, reports=args.reports)
+        if rank == 0
+        else nullcontext()
+    )
     try:
         with run_context as run:
             started = time.monotonic()
@@ -167,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
             write_csv(args.reports / "history.csv", result.history)
             write_csv(args.reports / "val_history.csv", result.val_history)
             for name in ("metrics.json", "history.csv", "val_history.csv"):
-                mlflow.log_artifact(str(args.reports / name))
-            mlflow.log_artifact(str(args.models / "config.json"), artifact_path="model")
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
+                log_artifact(str(args.reports / name))
+            log_artifact(str(args.models / "config.json"), artifact_path="model")
+            log_metrics({k: float(v) for k, v in metrics.items() if not k.startswith("val_")})
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

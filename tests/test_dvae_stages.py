@@ -21,6 +21,7 @@ def tiny_params(tmp_path: Path, experiment: str, **dvae) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["mlflow"]["experiment"] = experiment
     raw["data"].update(n_train=48, n_val=8, n_test=8, image_size=16)
+    raw["eval"]["blur_radii"] = [0, 8, 16]  # >= 0.5 px at 16 px
     raw["dvae"].update(
         codebook_size=16,
         hidden=8,

@@ -58,6 +58,7 @@ def tiny_repo(root: Path, experiment: str, **data) -> Path:
     params = root / "params.yaml"
     raw = yaml.safe_load(params.read_text())
     raw["data"].update({"n_train": 32, "n_val": 4, "n_test": 8, "image_size": 16, **data})
+    raw["eval"]["blur_radii"] = [0, 8, 16]  # >= 0.5 px at 16 px
     raw["mlflow"]["experiment"] = experiment
     raw["dvae"].update(
         codebook_size=16,

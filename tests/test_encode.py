@@ -58,6 +58,7 @@ def inputs(tmp_path_factory, on_cpu) -> Path:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["mlflow"]["experiment"] = "test-encode"
     raw["data"].update(n_train=40, n_val=8, n_test=16, image_size=16, shard_size=8, captions_per_image=2)
+    raw["eval"]["blur_radii"] = [0, 8, 16]  # >= 0.5 px at 16 px
     raw["tokenizer"].update(vocab_size=300, text_len=12)
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     prepare_dataset(load_params(root / "params.yaml"), root / "prepared")

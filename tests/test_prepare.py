@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dalle.config import DataConfig, Params, TokenizerConfig
+from dalle.config import DataConfig, EvalConfig, Params, TokenizerConfig
 from dalle.data.prepare import prepare_dataset
 from dalle.data.store import ImageShards, load_split
 from pipelines import prepare as prepare_stage
@@ -22,6 +22,7 @@ TINY = Params(
     seed=3,
     data=DataConfig(image_size=16, n_train=40, n_val=8, n_test=16, captions_per_image=2),
     tokenizer=TokenizerConfig(vocab_size=300, text_len=32),
+    eval=EvalConfig(blur_radii=(0.0, 8.0, 16.0)),  # >= 0.5 px at 16 px
 )
 
 
@@ -91,6 +92,7 @@ def test_failed_run_keeps_the_previous_outputs(tmp_path):
 def test_stage_logs_an_mlflow_run_with_params_tags_and_contact_sheet(tmp_path, monkeypatch, mlflow_store):
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     raw["data"].update(n_train=24, n_val=4, n_test=8, image_size=16)
+    raw["eval"]["blur_radii"] = [0, 8, 16]  # >= 0.5 px at 16 px
     raw["mlflow"]["experiment"] = "test-prepare"
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))

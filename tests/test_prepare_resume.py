@@ -93,5 +93,6 @@ def test_changed_settings_discard_the_staging_area(shards, tmp_path):
     assert len(list(staging.glob("unit-*.json"))) == 5
     raw = yaml.safe_load(_params_file(tmp_path, shards).read_text())
     raw["data"]["image_size"] = 16
+    raw["eval"]["blur_radii"] = [0, 8, 16]  # >= 0.5 px at 16 px
     prepare_dataset(Params.from_dict(raw), out, units=slice(5, 6))
     assert [p.name for p in staging.glob("unit-*.json")] == ["unit-000005.json"]
