@@ -25,12 +25,11 @@ from dalle.config import Params
 from dalle.data.store import load_split
 from dalle.data.tokens import load_tokens
 from dalle.evalnet import EvalNet
-from dalle.fid import frechet_distance
 from dalle.generate import draw_one_each, load_models
 from dalle.masks import layer_kinds
 from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
 from dalle.training import default_device
-from pipelines.evaluate import accuracy_by_group, feature_space
+from pipelines.evaluate import Fid, accuracy_by_group, feature_space, group_sizes, with_interval
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {
             "schedule": args.schedule,
             "steps": cfg.steps,
-            f"fid_{name}": frechet_distance(features(real), features(images)),
+            **Fid(params.seed)(f"fid_{name}", features(real), features(images)),
             "test_text_nll": nll["val_text_nll"],
             "test_image_bits": nll["val_image_bits"],
             "tokens_per_s": float(np.median([row["tokens_per_s"] for row in result.history])),
@@ -153,8 +152,9 @@ def main(argv: list[str] | None = None) -> None:
             "mlflow_run_id": run.info.run_id,
             "mlflow_parent_run_id": parent,
         }
+        sizes = group_sizes(records)
         for group, accuracy in accuracy_by_group(evalnet, images, records).items():
-            metrics[f"accuracy_all_{group}"] = accuracy["all"]
+            metrics.update(with_interval(f"accuracy_all_{group}", accuracy["all"], sizes[group]))
         if isinstance(evaluator, CaptionScorer):
             metrics["clip_score"] = evaluator.clip_score(images, captions)
         write_json(out / "metrics.json", metrics)

@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipelines.ablate import REPORT_DIR as RUNS_DIR  # noqa: E402
@@ -46,14 +47,19 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(json.loads(path.read_text()))
     fid_key = next(k for k in rows[0] if k.startswith("fid_"))
     columns = [c for c in (fid_key, *COLUMNS) if all(c in row for row in rows)]
-    summary = [{"schedule": row["schedule"], **{c: row.get(c) for c in columns}} for row in rows]
+    bounds = [f"{c}{end}" for c in columns for end in ("_low", "_high") if all(f"{c}{end}" in row for row in rows)]
+    summary = [{"schedule": row["schedule"], **{c: row.get(c) for c in (*columns, *bounds)}} for row in rows]
     write_csv(args.out / "summary.csv", summary)
 
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.4))
     names = [row["schedule"] for row in summary]
     for ax, column in zip(axes, columns):
-        values = [row[column] for row in summary]
-        bars = ax.bar(names, values, color="tab:blue")
+        values = np.array([row[column] for row in summary], dtype=float)
+        errors = None  # 95% intervals where the runs have them (bootstrap for FID, Wilson for accuracies)
+        if f"{column}_low" in summary[0]:
+            low, high = (np.array([row[f"{column}{end}"] for row in summary]) for end in ("_low", "_high"))
+            errors = np.abs([values - low, high - values])
+        bars = ax.bar(names, values, yerr=errors, capsize=2, color="tab:blue")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(column, fontsize=9)
         ax.tick_params(axis="x", rotation=60, labelsize=8)

@@ -35,6 +35,7 @@ from dalle.dvae_train import reconstruct  # noqa: E402
 from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features  # noqa: E402
 from dalle.fid import InceptionFeatures, blur, frechet_distance  # noqa: E402
 from dalle.generate import Candidates, Models, generate, load_models  # noqa: E402
+from dalle.intervals import bootstrap_fid, resamples_for, wilson  # noqa: E402
 from dalle.pixels import to_float_images  # noqa: E402
 from dalle.prior_train import evaluate_prior  # noqa: E402
 from dalle.training import default_device  # noqa: E402
@@ -50,7 +51,7 @@ from pipelines.train_prior import TOKENS  # noqa: E402
 MODELS = Path("models")
 REPORT_DIR = Path("reports/eval")
 Features = Callable[[np.ndarray], np.ndarray]
-ATTRIBUTE_COLUMNS = ["attribute", "group", "accuracy"]
+ATTRIBUTE_COLUMNS = ["attribute", "group", "accuracy", "accuracy_low", "accuracy_high", "captions"]
 
 
 def feature_space(
@@ -93,6 +94,33 @@ def accuracy_by_group(evalnet: EvalNet | None, images: np.ndarray, records) -> d
     return groups
 
 
+def group_sizes(records) -> dict[str, int]:
+    """Captions per group of ``accuracy_by_group`` (the n of its fractions)."""
+    held_out = records["held_out"].to_numpy() if "held_out" in records else np.zeros(len(records), bool)
+    single = (records["n_objects"] == 1).to_numpy() if "n_objects" in records else np.ones(len(records), bool)
+    return {name: int(((held_out == flag) & single).sum()) for name, flag in (("seen", False), ("held_out", True))}
+
+
+def with_interval(key: str, value: float | None, n: int) -> dict[str, float | None]:
+    """``{key: value, key_low, key_high}``: a fraction of ``n`` captions with its 95% Wilson interval."""
+    if value is None:
+        return {key: None, f"{key}_low": None, f"{key}_high": None}
+    low, high = wilson(round(value * n), n)
+    return {key: value, f"{key}_low": low, f"{key}_high": high}
+
+
+class Fid:
+    """FID against fixed real features, each with its bootstrap interval over both sets' images."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __call__(self, key: str, real: np.ndarray, other: np.ndarray) -> dict[str, float]:
+        resamples = resamples_for(real.shape[1])
+        low, high = bootstrap_fid(real, other, resamples, self.seed)
+        return {key: frechet_distance(real, other), f"{key}_low": low, f"{key}_high": high}
+
+
 def retrieval(reranker: CaptionScorer, split: Split) -> dict[str, float]:
     """Text → image recall@k of the reranker over ``split``: each image's first caption among all its images."""
     captions = [str(caps[0]) for caps in split.records["captions"]]
@@ -115,13 +143,21 @@ def write_sheets(out: Path, captions: list[str], chosen_at: dict[int, tuple[np.n
     return paths
 
 
+def _errors(rows: list[dict], key: str) -> np.ndarray:
+    """(2, n) distances from each value down to ``key_low`` and up to ``key_high``, for ``errorbar``'s yerr."""
+    values = np.array([r[key] for r in rows], dtype=float)
+    return np.abs(np.array([values - [r[f"{key}_low"] for r in rows], [r[f"{key}_high"] for r in rows] - values]))
+
+
 def figures(
     out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_attribute: list[dict], source: str
 ) -> list[Path]:
+    """The plots, each value with its 95% interval (bootstrap for FID, Wilson for accuracies)."""
     paths = []
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["radius_256px"] for r in by_blur], [r["fid_generated"] for r in by_blur], "o-", label="generated")
-    ax.plot([r["radius_256px"] for r in by_blur], [r["fid_reconstruction"] for r in by_blur], "s--", label="dVAE recon")
+    radii = [r["radius_256px"] for r in by_blur]
+    for key, style, label in (("fid_generated", "o-", "generated"), ("fid_reconstruction", "s--", "dVAE recon")):
+        ax.errorbar(radii, [r[key] for r in by_blur], _errors(by_blur, key), fmt=style, capsize=3, label=label)
     ax.set(xlabel="Gaussian blur radius (px at 256 px)", ylabel=fid_key, title="FID vs blur (paper Fig. 9)")
     ax.legend()
     paths.append(out / "fid_vs_blur.png")
@@ -129,13 +165,14 @@ def figures(
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ns = [r["n"] for r in by_n]
-    ax[0].plot(ns, [r[fid_key] for r in by_n], "o-")
-    ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N")
+    ax[0].errorbar(ns, [r[fid_key] for r in by_n], _errors(by_n, fid_key), fmt="o-", capsize=3)
+    ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N (95% bootstrap)")
     accuracies = [key for key in ("accuracy_seen", "accuracy_held_out") if by_n[0][key] is not None]
     for key in accuracies:
-        ax[1].plot(ns, [r[key] for r in by_n], "o-", label=key.removeprefix("accuracy_"))
+        label = key.removeprefix("accuracy_")
+        ax[1].errorbar(ns, [r[key] for r in by_n], _errors(by_n, key), fmt="o-", capsize=3, label=label)
     if accuracies:
-        ax[1].set(ylabel="caption accuracy (all 4)", ylim=(0, 1.02))
+        ax[1].set(ylabel="caption accuracy (all 4; 95% Wilson)", ylim=(0, 1.02))
         ax[1].legend()
     elif by_n[0]["clip_score"] is not None:
         ax[1].plot(ns, [r["clip_score"] for r in by_n], "o-")
@@ -151,9 +188,11 @@ def figures(
     if by_attribute:
         attributes = [*HEADS, "all"]
         for offset, group in ((-0.2, "seen"), (0.2, "held_out")):
-            values = {r["attribute"]: r["accuracy"] for r in by_attribute if r["group"] == group}
-            ax.bar(np.arange(len(attributes)) + offset, [values.get(a, 0) for a in attributes], 0.4, label=group)
-        ax.set(xticks=range(len(attributes)), xticklabels=attributes, ylim=(0, 1.02), ylabel="accuracy")
+            rows = {r["attribute"]: r for r in by_attribute if r["group"] == group}
+            present = [rows[a] for a in attributes if a in rows]
+            x = np.array([i for i, a in enumerate(attributes) if a in rows]) + offset
+            ax.bar(x, [r["accuracy"] for r in present], 0.4, yerr=_errors(present, "accuracy"), capsize=2, label=group)
+        ax.set(xticks=range(len(attributes)), xticklabels=attributes, ylim=(0, 1.02), ylabel="accuracy (95% Wilson)")
         ax.legend()
     else:  # the file is a declared DVC output: say why it is empty
         message = f"no attribute labels in this dataset (data.source: {source}):\ncaption accuracy needs shapes"
@@ -203,22 +242,26 @@ def main(argv: list[str] | None = None) -> None:
         )
         real = np.asarray(test.images)
         real_features = features(real)
+        fid, sizes = Fid(params.seed), group_sizes(records)
         caption_embeddings = None if scorer is None else scorer.embed_captions(captions)
         by_n, chosen_at = [], {}  # chosen_at[n]: (images, their features)
         for n in cfg.rerank_n:
             picks = [best_of_first(result, n) for result in results]
             images = np.stack([image for image, _ in picks])
             chosen_at[n] = images, features(images)
-            row = {"n": n, fid_key: frechet_distance(real_features, chosen_at[n][1])}
+            row = {"n": n, **fid(fid_key, real_features, chosen_at[n][1])}
             row["reranker_score"] = float(np.mean([score for _, score in picks]))
             accuracy = accuracy_by_group(evalnet, images, records)
             for group in ("seen", "held_out"):  # every row has every column: a blank is a measure not taken
-                row[f"accuracy_{group}"] = accuracy[group]["all"] if group in accuracy else None
+                value = accuracy[group]["all"] if group in accuracy else None
+                row.update(with_interval(f"accuracy_{group}", value, sizes[group]))
             row["clip_score"] = None if scorer is None else clip_score(scorer.embed_images(images), caption_embeddings)
             by_n.append(row)
 
         generated, generated_features = chosen_at[headline]
-        recon = reconstruct(models.dvae, real, device)
+        # The floor on as many images as the samples (the test images of the sampled captions), so that both FIDs
+        # carry the same small-sample bias against the same real set.
+        recon = reconstruct(models.dvae, real[rows], device)
         recon_features = features(recon)
 
         def blurred(images: np.ndarray, unblurred: np.ndarray, sigma: float) -> np.ndarray:
@@ -233,13 +276,14 @@ def main(argv: list[str] | None = None) -> None:
                 {
                     "radius_256px": radius,
                     "sigma_px": sigma,
-                    "fid_generated": frechet_distance(blurred_real, blurred(generated, generated_features, sigma)),
-                    "fid_reconstruction": frechet_distance(blurred_real, blurred(recon, recon_features, sigma)),
+                    **fid("fid_generated", blurred_real, blurred(generated, generated_features, sigma)),
+                    **fid("fid_reconstruction", blurred_real, blurred(recon, recon_features, sigma)),
                 }
             )
         groups = accuracy_by_group(evalnet, generated, records)
         by_attribute = [
-            {"attribute": attribute, "group": group, "accuracy": value}
+            {"attribute": attribute, "group": group, **with_interval("accuracy", value, sizes[group])}
+            | {"captions": sizes[group]}
             for group, accuracy in groups.items()
             for attribute, value in accuracy.items()
         ]
@@ -247,8 +291,12 @@ def main(argv: list[str] | None = None) -> None:
         nll = evaluate_prior(models.prior, test_tokens, len(test_tokens), device)
         at_headline = by_n[cfg.rerank_n.index(headline)]
         metrics: dict = {
-            fid_key: at_headline[fid_key],
-            f"{fid_key}_reconstruction": frechet_distance(real_features, recon_features),
+            **{key: at_headline[key] for key in (fid_key, f"{fid_key}_low", f"{fid_key}_high")},
+            **fid(f"{fid_key}_reconstruction", real_features, recon_features),
+            "fid_feature_dim": int(real_features.shape[1]),
+            "fid_real_images": len(real_features),
+            "fid_generated_images": len(generated_features),  # also the reconstructions' count
+            "fid_bootstrap_resamples": resamples_for(real_features.shape[1]),
             "headline_n": headline,
             "reranker_score": at_headline["reranker_score"],
             "test_text_nll": nll["val_text_nll"],
@@ -263,9 +311,15 @@ def main(argv: list[str] | None = None) -> None:
             metrics["clip_score_n1"] = clip_score(scorer.embed_images(first), caption_embeddings)
             metrics["clip_score_real"] = clip_score(scorer.embed_images(test.images[rows]), caption_embeddings)
         for group, accuracy in groups.items():
-            metrics.update({f"accuracy_{attribute}_{group}": value for attribute, value in accuracy.items()})
+            for attribute, value in accuracy.items():
+                metrics.update(with_interval(f"accuracy_{attribute}_{group}", value, sizes[group]))
+        for n_row in (by_n[0], at_headline):  # the first N (1: the prior alone) and the headline N, with intervals
+            for group in groups:
+                key, name = f"accuracy_{group}", f"accuracy_{group}_n{n_row['n']}"
+                metrics.update({name + end: n_row[key + end] for end in ("", "_low", "_high")})
+        real_sizes = group_sizes(test.records)
         for group, accuracy in accuracy_by_group(evalnet, real, test.records).items():
-            metrics[f"real_accuracy_all_{group}"] = accuracy["all"]
+            metrics.update(with_interval(f"real_accuracy_all_{group}", accuracy["all"], real_sizes[group]))
 
         args.reports.mkdir(parents=True, exist_ok=True)
         write_json(args.reports / "metrics.json", metrics)
@@ -274,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute, ATTRIBUTE_COLUMNS)
         pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute, params.data.source)
         sheets = write_sheets(args.reports / "sheets", captions, chosen_at, cfg.sheet_captions)
-        log_metrics({k: float(v) for k, v in metrics.items()})
+        log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         for row in by_n:
             measured = {f"{k}_vs_n": float(v) for k, v in row.items() if k != "n" and v is not None}
             log_metrics(measured, step=row["n"])

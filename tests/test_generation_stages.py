@@ -271,11 +271,24 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
     assert expected <= set(metrics), expected - set(metrics)
     assert not [k for k in metrics if k.startswith("clip_score")], "the attribute network reads no CLIP-score"
     assert metrics["headline_n"] == 3 and metrics["fid_evalnet_reconstruction"] >= 0
+    # Every value with its interval: bootstrap over images for FID, Wilson over captions for accuracies.
+    for key in ("fid_evalnet", "fid_evalnet_reconstruction", "accuracy_all_seen", "real_accuracy_all_seen"):
+        assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+    assert metrics["accuracy_all_seen_low"] >= 0 and metrics["accuracy_all_seen_high"] <= 1
+    assert {"accuracy_seen_n1", "accuracy_held_out_n3_high"} <= set(metrics)  # N=1 and the headline N
+    assert metrics["fid_feature_dim"] == 64 and metrics["fid_generated_images"] == metrics["captions"] == 4
+    assert metrics["fid_real_images"] == 8 and metrics["fid_bootstrap_resamples"] == 1000
     with (tmp_path / "eval" / "fid_vs_n.csv").open() as handle:
         assert [int(row["n"]) for row in csv.DictReader(handle)] == [1, 2, 3]
     with (tmp_path / "eval" / "fid_vs_blur.csv").open() as handle:
         blur_rows = list(csv.DictReader(handle))
     assert [float(r["sigma_px"]) for r in blur_rows] == [0.0, 0.5, 1.0]  # 16 px images: radii × 16/256
+    assert all(
+        float(r["fid_generated_low"]) <= float(r["fid_generated"]) <= float(r["fid_generated_high"]) for r in blur_rows
+    )
+    with (tmp_path / "eval" / "accuracy_by_attribute.csv").open() as handle:
+        attribute_rows = list(csv.DictReader(handle))
+    assert {"accuracy_low", "accuracy_high", "captions"} <= set(attribute_rows[0])
     for name in ("fid_vs_blur.png", "fid_vs_n.png", "accuracy_by_attribute.png", "accuracy_by_attribute.csv"):
         assert (tmp_path / "eval" / name).is_file(), name
     assert sorted(p.name for p in (tmp_path / "eval" / "sheets").iterdir()) == [f"sheet_n{n}.png" for n in (1, 2, 3)]

@@ -1,0 +1,66 @@
+"""Confidence intervals for the evaluation's numbers: Wilson score intervals for accuracies over captions, and
+percentile bootstrap intervals for FID over images (both sets resampled with replacement).
+
+The bootstrap recomputes the Fréchet distance hundreds of times, so it works on the two sets' features directly:
+each resample's mean and covariance in float64, then ``|μ₁-μ₂|² + tr Σ₁ + tr Σ₂ - 2 Σ √λ(Σ₁Σ₂)`` with the
+eigenvalues of the product, the formula torchmetrics' ``FrechetInceptionDistance`` evaluates (tested equal to
+``dalle.fid.frechet_distance`` to 1e-9). Measured on the 2-core VM at 64-d features, 1,000 real and 128 generated:
+torchmetrics 16 ms per distance (a metric object per call), this 0.4 ms, so 1,000 resamples take under a second.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+
+
+def wilson(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``successes / n`` (scipy's ``binomtest``)."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    interval = stats.binomtest(int(successes), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def _moments(features: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance of ``features`` with row ``i`` taken ``counts[i]`` times."""
+    n = counts.sum()
+    mean = counts @ features / n
+    centred = features - mean
+    return mean, (centred * counts[:, None]).T @ centred / (n - 1)
+
+
+def fid_from_moments(mean_a: np.ndarray, cov_a: np.ndarray, mean_b: np.ndarray, cov_b: np.ndarray) -> float:
+    """Fréchet distance between two Gaussians given by their means and covariances."""
+    root = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).astype(np.complex128)).real.sum()
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * root)
+
+
+def bootstrap_fid(
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    resamples: int,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of FID between two (N, d) feature sets, both resampled with replacement."""
+    if resamples < 10:
+        raise ValueError(f"need at least 10 bootstrap resamples, got {resamples}")
+    a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    for i in range(resamples):
+        counts_a = np.bincount(rng.integers(0, len(a), len(a)), minlength=len(a)).astype(np.float64)
+        counts_b = np.bincount(rng.integers(0, len(b), len(b)), minlength=len(b)).astype(np.float64)
+        values[i] = fid_from_moments(*_moments(a, counts_a), *_moments(b, counts_b))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def resamples_for(dim: int) -> int:
+    """Bootstrap resamples per FID: 1,000 for small feature spaces, 100 for 2048-d Inception features (each
+    resample there costs a 2048² eigendecomposition)."""
+    return 1000 if dim <= 512 else 100

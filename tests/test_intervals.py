@@ -1,0 +1,49 @@
+"""Wilson intervals for accuracies and bootstrap intervals for FID (dalle/intervals.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dalle.fid import frechet_distance
+from dalle.intervals import bootstrap_fid, fid_from_moments, resamples_for, wilson
+
+
+def test_wilson_matches_the_closed_form():
+    for successes, n in [(0, 10), (3, 10), (10, 10), (86, 128), (500, 1000)]:
+        z, p = 1.959963984540054, successes / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert wilson(successes, n) == pytest.approx((centre - half, centre + half), abs=1e-12)
+    low, high = wilson(64, 128)
+    assert 0.41 < low < 0.5 < high < 0.59  # 128 captions: about ±8.5 points at 50%
+
+
+def test_wilson_refuses_impossible_counts():
+    with pytest.raises(ValueError, match="got 5 of 4"):
+        wilson(5, 4)
+    with pytest.raises(ValueError, match="n >= 1"):
+        wilson(0, 0)
+
+
+def test_moments_formula_equals_torchmetrics():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(80, 16)) * 1.3 + 0.2
+    moments = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    assert fid_from_moments(*moments[0], *moments[1]) == pytest.approx(frechet_distance(a, b), rel=1e-9)
+
+
+def test_bootstrap_interval_covers_the_estimate_and_shrinks_with_more_images():
+    rng = np.random.default_rng(1)
+    small = rng.normal(size=(100, 8)), rng.normal(size=(100, 8)) + 0.5
+    large = rng.normal(size=(1600, 8)), rng.normal(size=(1600, 8)) + 0.5
+    widths = []
+    for a, b in (small, large):
+        low, high = bootstrap_fid(a, b, resamples=300, seed=0)
+        assert low < frechet_distance(a, b) < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # 16x the images: about a quarter of the width
+    assert bootstrap_fid(*small, resamples=300, seed=0) == bootstrap_fid(*small, resamples=300, seed=0)
+    assert resamples_for(64) == 1000 and resamples_for(2048) == 100
+    with pytest.raises(ValueError, match="at least 10"):
+        bootstrap_fid(*small, resamples=5)
