@@ -23,7 +23,7 @@ from test_dvae_stages import REPO, stage_args, tiny_params
 
 from dalle.checkpoint import load_checkpoint
 from dalle.config import MlflowConfig, Params
-from pipelines import prepare, tracking, train_dvae
+from pipelines import mlflow_outbox, prepare, tracking, train_dvae
 
 
 def outage_params(root: Path, experiment: str) -> Path:
@@ -163,7 +163,7 @@ def test_server_down_at_the_end_leaves_a_file_that_replays(tmp_path, prepared, s
 
 
 def test_records_past_the_queue_bound_spill_to_the_file_and_replay(tmp_path, mlflow_store, monkeypatch):
-    monkeypatch.setattr(tracking, "MAX_QUEUED", 3)
+    monkeypatch.setattr(mlflow_outbox, "MAX_QUEUED", 3)
     monkeypatch.setenv(tracking.FLUSH_WAIT_ENV, "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     store = MlflowClient(mlflow_store)
