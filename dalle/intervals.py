@@ -5,7 +5,8 @@ The bootstrap recomputes the Fréchet distance hundreds of times, so it works on
 each resample's mean and covariance in float64, then ``|μ₁-μ₂|² + tr Σ₁ + tr Σ₂ - 2 Σ √λ(Σ₁Σ₂)`` with the
 eigenvalues of the product, the formula torchmetrics' ``FrechetInceptionDistance`` evaluates (tested equal to
 ``dalle.fid.frechet_distance`` to 1e-9). Measured on the 2-core VM at 64-d features, 1,000 real and 128 generated:
-torchmetrics 16 ms per distance (a metric object per call), this 0.4 ms, so 1,000 resamples take under a second.
+torchmetrics 2.3 ms per distance (a metric object per call), this 0.9 ms, so the evaluation's 17 intervals of
+1,000 resamples take 15 s instead of 39 s.
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ def bootstrap_fid(
     seed: int = 0,
     confidence: float = CONFIDENCE,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of FID between two (N, d) feature sets, both resampled with replacement."""
+    """Bootstrap interval of FID between two (N, d) feature sets, both resampled with replacement: the resamples'
+    central ``confidence`` range, re-centred on the estimate.
+
+    Resampling with replacement repeats images, and repeats raise FID by themselves (FID's small-sample bias grows
+    as the number of distinct images falls): at 128 generated and 1,000 real images in 64-d, the resamples'
+    median lies about 20 above the estimate and a plain percentile interval misses the estimate altogether. So
+    the range is shifted by (median of the resamples − estimate): the interval measures the estimate's spread
+    over images. Compare FIDs with it only at equal image counts, whose bias is alike."""
     if resamples < 10:
         raise ValueError(f"need at least 10 bootstrap resamples, got {resamples}")
     a, b = (np.asarray(f, dtype=np.float64) for f in (features_a, features_b))
@@ -57,7 +65,9 @@ def bootstrap_fid(
         values[i] = fid_from_moments(*_moments(a, counts_a), *_moments(b, counts_b))
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
+    estimate = fid_from_moments(*_moments(a, np.ones(len(a))), *_moments(b, np.ones(len(b))))
+    shift = np.median(values) - estimate
+    return float(low - shift), float(high - shift)
 
 
 def resamples_for(dim: int) -> int:

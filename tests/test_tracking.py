@@ -29,14 +29,15 @@ def test_default_store_is_absolute_sqlite_at_repo_root(monkeypatch):
     assert tracking._artifact_location("http://tracking.invalid:5000") is None
 
 
-def _closed_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (until someone binds it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def test_unreachable_server_fails_at_start_and_quickly(monkeypatch):
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable, match=f"MLflow tracking store {uri} is unreachable"):

@@ -17,35 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from test_dvae_stages import REPO, stage_args, tiny_params
+from test_tracking import free_port
 
 from dalle.checkpoint import load_checkpoint
 from dalle.config import MlflowConfig, Params
 from pipelines import mlflow_outbox, prepare, tracking, train_dvae
 
 
-def outage_params(root: Path, experiment: str) -> Path:
-    """test_dvae_stages' tiny dVAE params, with FID blur radii that 16 px images accept."""
-    path = tiny_params(root, experiment)
-    raw = yaml.safe_load(path.read_text())
-    raw["eval"]["blur_radii"] = [0]
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prep")
-    prepare.main(["--params", str(outage_params(root, "test-outage-prepare")), "--out", str(root / "prepared")])
+    prepare.main(["--params", str(tiny_params(root, "test-outage-prepare")), "--out", str(root / "prepared")])
     return root / "prepared"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:
@@ -107,7 +92,7 @@ def assert_complete(client: MlflowClient, run_id: str) -> None:
 
 def test_training_goes_on_through_a_server_outage(tmp_path, prepared, server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-    args = stage_args(tmp_path, outage_params(tmp_path, "test-outage"), prepared)
+    args = stage_args(tmp_path, tiny_params(tmp_path, "test-outage"), prepared)
     original = train_dvae.MlflowCallbacks.on_train_log
     checkpoint_steps = []
 
@@ -134,7 +119,7 @@ def test_training_goes_on_through_a_server_outage(tmp_path, prepared, server, mo
 def test_server_down_at_the_end_leaves_a_file_that_replays(tmp_path, prepared, server, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
     monkeypatch.setenv(tracking.FLUSH_WAIT_ENV, "2")
-    args = stage_args(tmp_path, outage_params(tmp_path, "test-outage-end"), prepared)
+    args = stage_args(tmp_path, tiny_params(tmp_path, "test-outage-end"), prepared)
     original = train_dvae.MlflowCallbacks.on_train_log
 
     def outage(self, step, metrics):
