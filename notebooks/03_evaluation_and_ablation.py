@@ -9,6 +9,7 @@
 import json
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from IPython.display import display
 from workbench import ROOT, require
@@ -42,6 +43,15 @@ summary = pd.read_csv(ROOT / "reports/ablation/summary.csv").set_index("schedule
 display(summary)
 
 # %%
-summary.plot.bar(subplots=True, layout=(2, 4), figsize=(14, 6), legend=False, rot=45)
+values = [c for c in summary.columns if not c.endswith(("_low", "_high"))]  # the rest are 95% interval bounds
+fig, axes = plt.subplots(2, (len(values) + 1) // 2, figsize=(14, 6), squeeze=False)
+for ax, column in zip(axes.flat, values):
+    errors = None
+    if f"{column}_low" in summary:
+        low, high = summary[f"{column}_low"], summary[f"{column}_high"]
+        errors = np.abs([summary[column] - low, high - summary[column]])
+    summary[column].plot.bar(ax=ax, yerr=errors, capsize=2, rot=45, title=column)
+for ax in axes.flat[len(values) :]:
+    ax.set_axis_off()
 plt.tight_layout()
 plt.show()

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle.config import DataConfig, Params, TokenizerConfig
+from dalle.config import DataConfig, EvalConfig, Params, TokenizerConfig
 from dalle.data.ingest import Skipped
 from dalle.data.prepare import prepare_dataset
 from dalle.data.sources import ListingSkip, iter_raw, shard_urls, split_of
@@ -39,7 +39,8 @@ def _config(path, source: str, **overrides) -> DataConfig:
 
 
 def _params(cfg: DataConfig) -> Params:
-    return Params(data=cfg, tokenizer=TokenizerConfig(vocab_size=300, text_len=16))
+    blur = EvalConfig(blur_radii=(0.0, 256 / cfg.image_size))  # a radius that is >= 0.5 px at any test size
+    return Params(data=cfg, tokenizer=TokenizerConfig(vocab_size=300, text_len=16), eval=blur)
 
 
 def _listed(cfg: DataConfig) -> tuple[list, list]:

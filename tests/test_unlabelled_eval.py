@@ -158,7 +158,8 @@ def test_evaluate_metrics_without_labels(pipeline, mlflow_store):
     assert {r["accuracy_seen"] for r in rows} == {""} and all(float(r["clip_score"]) >= 0 for r in rows)
     assert float(rows[0]["clip_score"]) == pytest.approx(metrics["clip_score_n1"])
     with (out / "accuracy_by_attribute.csv").open() as handle:
-        assert handle.read().strip() == "attribute,group,accuracy"  # declared by DVC, so present but empty
+        header = "attribute,group,accuracy,accuracy_low,accuracy_high,captions"
+        assert handle.read().strip() == header  # declared by DVC, so present but empty
     for name in ("accuracy_by_attribute.png", "fid_vs_n.png", "fid_vs_blur.png", "fid_vs_blur.csv"):
         assert (out / name).is_file(), name
     sheets = sorted(p.name for p in (out / "sheets").iterdir())
@@ -183,6 +184,8 @@ def test_ablation_without_labels(pipeline):
     assert set(row) == {
         "schedule",
         "fid_reranker",
+        "fid_reranker_low",
+        "fid_reranker_high",
         "clip_score",
         "test_image_bits",
         "test_text_nll",
