@@ -36,14 +36,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_server_fails_at_start_and_quickly(monkeypatch):
-    uri = f"http://127.0.0.1:{free_port()}"
+def assert_fails_at_start(monkeypatch, uri: str) -> None:
+    """A stage pointed at ``uri`` fails before its body runs, within 30 s, naming the store."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     with pytest.raises(tracking.TrackingUnavailable, match=f"MLflow tracking store {uri} is unreachable"):
         with tracking.stage_run("prepare", Params()):
             pytest.fail("the stage body must not run")
     assert time.monotonic() - started < 30
+
+
+def test_unreachable_server_fails_at_start_and_quickly(monkeypatch):
+    assert_fails_at_start(monkeypatch, f"http://127.0.0.1:{free_port()}")
 
 
 def test_run_tags(monkeypatch):
