@@ -1,5 +1,5 @@
 """Confidence intervals for the evaluation's numbers: Wilson score intervals for accuracies over captions, and
-percentile bootstrap intervals for FID over images (both sets resampled with replacement).
+bootstrap intervals for FID over images (both sets resampled with replacement, re-centred on the estimate).
 
 The bootstrap recomputes the Fréchet distance hundreds of times, so it works on the two sets' features directly:
 each resample's mean and covariance in float64, then ``|μ₁-μ₂|² + tr Σ₁ + tr Σ₂ - 2 Σ √λ(Σ₁Σ₂)`` with the
@@ -74,3 +74,11 @@ def resamples_for(dim: int) -> int:
     """Bootstrap resamples per FID: 1,000 for small feature spaces, 100 for 2048-d Inception features (each
     resample there costs a 2048² eigendecomposition)."""
     return 1000 if dim <= 512 else 100
+
+
+def error_bars(rows: list[dict], key: str) -> np.ndarray:
+    """(2, n) distances from each row's ``key`` down to its ``key_low`` and up to its ``key_high``: matplotlib's
+    ``yerr`` for asymmetric intervals."""
+    values = np.array([r[key] for r in rows], dtype=float)
+    low, high = (np.array([r[f"{key}{end}"] for r in rows], dtype=float) for end in ("_low", "_high"))
+    return np.abs([values - low, high - values])

@@ -29,7 +29,7 @@ from dalle.generate import draw_one_each, load_models
 from dalle.masks import layer_kinds
 from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
 from dalle.training import default_device
-from pipelines.evaluate import Fid, accuracy_by_group, feature_space, group_sizes, with_interval
+from pipelines.evaluate import accuracy_by_group, feature_space, fid_with_interval, group_sizes, with_interval
 from pipelines.params import load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {
             "schedule": args.schedule,
             "steps": cfg.steps,
-            **Fid(params.seed)(f"fid_{name}", features(real), features(images)),
+            **fid_with_interval(f"fid_{name}", features(real), features(images), params.seed),
             "test_text_nll": nll["val_text_nll"],
             "test_image_bits": nll["val_image_bits"],
             "tokens_per_s": float(np.median([row["tokens_per_s"] for row in result.history])),

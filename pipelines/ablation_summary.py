@@ -12,9 +12,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from dalle.intervals import error_bars  # noqa: E402
 from pipelines.ablate import REPORT_DIR as RUNS_DIR  # noqa: E402
 from pipelines.params import load_params  # noqa: E402
 from pipelines.reports import write_csv  # noqa: E402
@@ -54,11 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns), 3.4))
     names = [row["schedule"] for row in summary]
     for ax, column in zip(axes, columns):
-        values = np.array([row[column] for row in summary], dtype=float)
-        errors = None  # 95% intervals where the runs have them (bootstrap for FID, Wilson for accuracies)
-        if f"{column}_low" in summary[0]:
-            low, high = (np.array([row[f"{column}{end}"] for row in summary]) for end in ("_low", "_high"))
-            errors = np.abs([values - low, high - values])
+        values = [row[column] for row in summary]
+        # 95% intervals where the runs have them (bootstrap for FID, Wilson for accuracies)
+        errors = error_bars(summary, column) if f"{column}_low" in summary[0] else None
         bars = ax.bar(names, values, yerr=errors, capsize=2, color="tab:blue")
         ax.bar_label(bars, fmt="%.3g", fontsize=7)
         ax.set_title(column, fontsize=9)

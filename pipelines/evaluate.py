@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -35,7 +36,7 @@ from dalle.dvae_train import reconstruct  # noqa: E402
 from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features  # noqa: E402
 from dalle.fid import InceptionFeatures, blur, frechet_distance  # noqa: E402
 from dalle.generate import Candidates, Models, generate, load_models  # noqa: E402
-from dalle.intervals import bootstrap_fid, resamples_for, wilson  # noqa: E402
+from dalle.intervals import bootstrap_fid, error_bars, resamples_for, wilson  # noqa: E402
 from dalle.pixels import to_float_images  # noqa: E402
 from dalle.prior_train import evaluate_prior  # noqa: E402
 from dalle.training import default_device  # noqa: E402
@@ -80,25 +81,27 @@ def best_of_first(result: Candidates, n: int) -> tuple[np.ndarray, float]:
     return result.images[index], float(result.scores[index])
 
 
+def group_rows(records) -> dict[str, np.ndarray]:
+    """Row indices of the single-object ``seen`` and ``held_out`` captions in ``records``."""
+    held_out = records["held_out"].to_numpy() if "held_out" in records else np.zeros(len(records), bool)
+    single = (records["n_objects"] == 1).to_numpy() if "n_objects" in records else np.ones(len(records), bool)
+    return {name: np.flatnonzero((held_out == flag) & single) for name, flag in (("seen", False), ("held_out", True))}
+
+
 def accuracy_by_group(evalnet: EvalNet | None, images: np.ndarray, records) -> dict[str, dict[str, float]]:
     """Caption accuracy per attribute and ``all``, for ``seen`` and ``held_out`` captions."""
     if evalnet is None or not set(HEADS) <= set(records.columns):
         return {}
-    groups = {}
-    held_out = records["held_out"].to_numpy() if "held_out" in records else np.zeros(len(records), bool)
-    single = (records["n_objects"] == 1).to_numpy() if "n_objects" in records else np.ones(len(records), bool)
-    for name, flag in (("seen", False), ("held_out", True)):
-        rows = np.flatnonzero((held_out == flag) & single)
-        if len(rows):
-            groups[name] = caption_accuracy(evalnet, images[rows], records.iloc[rows].to_dict("records"))
-    return groups
+    return {
+        name: caption_accuracy(evalnet, images[rows], records.iloc[rows].to_dict("records"))
+        for name, rows in group_rows(records).items()
+        if len(rows)
+    }
 
 
 def group_sizes(records) -> dict[str, int]:
     """Captions per group of ``accuracy_by_group`` (the n of its fractions)."""
-    held_out = records["held_out"].to_numpy() if "held_out" in records else np.zeros(len(records), bool)
-    single = (records["n_objects"] == 1).to_numpy() if "n_objects" in records else np.ones(len(records), bool)
-    return {name: int(((held_out == flag) & single).sum()) for name, flag in (("seen", False), ("held_out", True))}
+    return {name: len(rows) for name, rows in group_rows(records).items()}
 
 
 def with_interval(key: str, value: float | None, n: int) -> dict[str, float | None]:
@@ -109,16 +112,10 @@ def with_interval(key: str, value: float | None, n: int) -> dict[str, float | No
     return {key: value, f"{key}_low": low, f"{key}_high": high}
 
 
-class Fid:
-    """FID against fixed real features, each with its bootstrap interval over both sets' images."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-
-    def __call__(self, key: str, real: np.ndarray, other: np.ndarray) -> dict[str, float]:
-        resamples = resamples_for(real.shape[1])
-        low, high = bootstrap_fid(real, other, resamples, self.seed)
-        return {key: frechet_distance(real, other), f"{key}_low": low, f"{key}_high": high}
+def fid_with_interval(key: str, real: np.ndarray, other: np.ndarray, seed: int) -> dict[str, float]:
+    """``{key: FID, key_low, key_high}``: FID between two feature sets and its bootstrap interval over images."""
+    low, high = bootstrap_fid(real, other, resamples_for(real.shape[1]), seed)
+    return {key: frechet_distance(real, other), f"{key}_low": low, f"{key}_high": high}
 
 
 def retrieval(reranker: CaptionScorer, split: Split) -> dict[str, float]:
@@ -143,12 +140,6 @@ def write_sheets(out: Path, captions: list[str], chosen_at: dict[int, tuple[np.n
     return paths
 
 
-def _errors(rows: list[dict], key: str) -> np.ndarray:
-    """(2, n) distances from each value down to ``key_low`` and up to ``key_high``, for ``errorbar``'s yerr."""
-    values = np.array([r[key] for r in rows], dtype=float)
-    return np.abs(np.array([values - [r[f"{key}_low"] for r in rows], [r[f"{key}_high"] for r in rows] - values]))
-
-
 def figures(
     out: Path, fid_key: str, by_n: list[dict], by_blur: list[dict], by_attribute: list[dict], source: str
 ) -> list[Path]:
@@ -157,7 +148,7 @@ def figures(
     fig, ax = plt.subplots(figsize=(5, 3.5))
     radii = [r["radius_256px"] for r in by_blur]
     for key, style, label in (("fid_generated", "o-", "generated"), ("fid_reconstruction", "s--", "dVAE recon")):
-        ax.errorbar(radii, [r[key] for r in by_blur], _errors(by_blur, key), fmt=style, capsize=3, label=label)
+        ax.errorbar(radii, [r[key] for r in by_blur], error_bars(by_blur, key), fmt=style, capsize=3, label=label)
     ax.set(xlabel="Gaussian blur radius (px at 256 px)", ylabel=fid_key, title="FID vs blur (paper Fig. 9)")
     ax.legend()
     paths.append(out / "fid_vs_blur.png")
@@ -165,12 +156,12 @@ def figures(
 
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
     ns = [r["n"] for r in by_n]
-    ax[0].errorbar(ns, [r[fid_key] for r in by_n], _errors(by_n, fid_key), fmt="o-", capsize=3)
+    ax[0].errorbar(ns, [r[fid_key] for r in by_n], error_bars(by_n, fid_key), fmt="o-", capsize=3)
     ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N (95% bootstrap)")
     accuracies = [key for key in ("accuracy_seen", "accuracy_held_out") if by_n[0][key] is not None]
     for key in accuracies:
         label = key.removeprefix("accuracy_")
-        ax[1].errorbar(ns, [r[key] for r in by_n], _errors(by_n, key), fmt="o-", capsize=3, label=label)
+        ax[1].errorbar(ns, [r[key] for r in by_n], error_bars(by_n, key), fmt="o-", capsize=3, label=label)
     if accuracies:
         ax[1].set(ylabel="caption accuracy (all 4; 95% Wilson)", ylim=(0, 1.02))
         ax[1].legend()
@@ -191,7 +182,8 @@ def figures(
             rows = {r["attribute"]: r for r in by_attribute if r["group"] == group}
             present = [rows[a] for a in attributes if a in rows]
             x = np.array([i for i, a in enumerate(attributes) if a in rows]) + offset
-            ax.bar(x, [r["accuracy"] for r in present], 0.4, yerr=_errors(present, "accuracy"), capsize=2, label=group)
+            errors = error_bars(present, "accuracy")
+            ax.bar(x, [r["accuracy"] for r in present], 0.4, yerr=errors, capsize=2, label=group)
         ax.set(xticks=range(len(attributes)), xticklabels=attributes, ylim=(0, 1.02), ylabel="accuracy (95% Wilson)")
         ax.legend()
     else:  # the file is a declared DVC output: say why it is empty
@@ -242,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         real = np.asarray(test.images)
         real_features = features(real)
-        fid, sizes = Fid(params.seed), group_sizes(records)
+        sizes, fid = group_sizes(records), partial(fid_with_interval, seed=params.seed)
         caption_embeddings = None if scorer is None else scorer.embed_captions(captions)
         by_n, chosen_at = [], {}  # chosen_at[n]: (images, their features)
         for n in cfg.rerank_n:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dalle.fid import frechet_distance
-from dalle.intervals import bootstrap_fid, fid_from_moments, resamples_for, wilson
+from dalle.intervals import bootstrap_fid, error_bars, fid_from_moments, resamples_for, wilson
 
 
 def test_wilson_matches_the_closed_form():
@@ -61,3 +61,8 @@ def test_bootstrap_width_matches_the_spread_of_fid_over_fresh_images():
     assert low < estimates[0] < high
     spread = (high - low) / (2 * 1.96)  # the sd a 95% interval implies
     assert 0.5 < spread / estimates.std() < 2.0, (spread, estimates.std())
+
+
+def test_error_bars_are_the_distances_to_each_bound():
+    rows = [{"a": 0.5, "a_low": 0.4, "a_high": 0.7}, {"a": 2.0, "a_low": 1.0, "a_high": 2.5}]
+    np.testing.assert_allclose(error_bars(rows, "a"), [[0.1, 1.0], [0.2, 0.5]])
