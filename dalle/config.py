@@ -60,6 +60,7 @@ class MlflowConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
+    seed: int = 0
     source: Literal["shapes", "folder", "manifest", "webdataset"] = "shapes"
     path: str | None = None
     caption_key: str | None = None
@@ -90,6 +91,7 @@ class DataConfig:
     workers: int = 2
 
     def __post_init__(self):
+        _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         _check(
             self.source == "shapes" or self.path is not None,
             "path",
@@ -452,11 +454,33 @@ class AblationConfig:
     schedules: tuple[str, ...] = ("paper", "full", "row", "column", "axial", "conv")
     steps: int = 60
     n_captions: int = 128
+    study_steps: int = 600
+    study_captions: int = 1000
+    study_seeds: tuple[int, ...] = (0, 1)
 
     def __post_init__(self):
         _check_schedules(self.schedules)
         _check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _check(self.n_captions >= 2, "n_captions", f"must be >= 2, got {self.n_captions}")
+        _check(self.study_steps >= 1, "study_steps", f"must be >= 1, got {self.study_steps}")
+        _check(self.study_captions >= 2, "study_captions", f"must be >= 2, got {self.study_captions}")
+        _check_seeds(self.study_seeds, "study_seeds")
+
+
+@dataclass(frozen=True)
+class SeedsConfig:
+    """Training seeds of ``pipelines/seeds/dvc.yaml``, each a whole chain beside the default one (``seed``)."""
+
+    extra: tuple[int, ...] = (1, 2)
+
+    def __post_init__(self):
+        _check_seeds(self.extra, "extra")
+
+
+def _check_seeds(seeds: tuple[int, ...], key: str) -> None:
+    _check(bool(seeds), key, "must list at least one seed")
+    _check(all(s >= 0 for s in seeds), key, f"seeds must be >= 0, got {list(seeds)}")
+    _check(len(set(seeds)) == len(seeds), key, f"lists a seed twice: {list(seeds)}")
 
 
 @dataclass(frozen=True)
@@ -648,6 +672,7 @@ class Params:
     evalnet: EvalNetConfig = field(default_factory=EvalNetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 

@@ -30,7 +30,7 @@ from dalle.masks import layer_kinds
 from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
 from dalle.training import default_device
 from pipelines.evaluate import accuracy_by_group, feature_space, fid_with_interval, group_sizes, with_interval
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.sample import caption_set
 from pipelines.tracking import MlflowCurves, check_reachable, log_metrics, log_params, tracking_uri, training_run
@@ -41,6 +41,13 @@ from pipelines.train_prior import TOKENS, data_fingerprint, peak_memory_mb
 MODELS = Path("models")
 REPORT_DIR = Path("reports/ablation/runs")  # one folder per schedule; the summary sits one level up
 CHECKPOINTS = Path("checkpoints/ablation")
+STUDY_REPORT_DIR = Path("reports/ablation_study/runs")  # --study: one folder per schedule and seed
+STUDY_CHECKPOINTS = Path("checkpoints/ablation_study")
+
+
+def study_run_name(schedule: str, seed: int) -> str:
+    """The study's folder for one schedule and training seed, e.g. ``paper-seed1``."""
+    return f"{schedule}-seed{seed}"
 
 
 class MlflowCallbacks(MlflowCurves, Callbacks):
@@ -71,8 +78,7 @@ def parent_run(params: Params, key: str) -> str:
     return run.info.run_id
 
 
-def ablation_prior_config(params: Params, schedule: str):
-    steps = params.ablation.steps
+def ablation_prior_config(params: Params, schedule: str, steps: int):
     return dataclasses.replace(
         params.prior,
         schedule=schedule,
@@ -89,17 +95,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--schedule", required=True)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--tokens", type=Path, default=TOKENS)
     parser.add_argument("--models", type=Path, default=MODELS)
-    parser.add_argument("--reports", type=Path, default=REPORT_DIR)
-    parser.add_argument("--checkpoints", type=Path, default=CHECKPOINTS)
+    parser.add_argument("--study", action="store_true", help="the study: ablation.study_* instead of the smoke test")
+    parser.add_argument("--reports", type=Path, default=None, help=f"default {REPORT_DIR} ({STUDY_REPORT_DIR})")
+    parser.add_argument("--checkpoints", type=Path, default=None, help=f"default {CHECKPOINTS} ({STUDY_CHECKPOINTS})")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     if args.schedule not in params.ablation.schedules:
         raise ValueError(f"--schedule {args.schedule!r} is not in ablation.schedules {list(params.ablation.schedules)}")
-    cfg = ablation_prior_config(params, args.schedule)
+    study = params.ablation
+    if args.study and params.seed not in study.study_seeds:
+        raise ValueError(f"--seed {params.seed} is not in ablation.study_seeds {list(study.study_seeds)}")
+    steps, n_captions = (study.study_steps, study.study_captions) if args.study else (study.steps, study.n_captions)
+    reports = args.reports or (STUDY_REPORT_DIR if args.study else REPORT_DIR)
+    checkpoints = args.checkpoints or (STUDY_CHECKPOINTS if args.study else CHECKPOINTS)
+    name = study_run_name(args.schedule, params.seed) if args.study else args.schedule
+    cfg = ablation_prior_config(params, args.schedule, steps)
     device = default_device()
     models = load_models(args.models, device)
     evaluator = load_evaluator(args.models / "evalnet", device)
@@ -108,10 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     geometry = geometry_of(train_tokens, models.tokenizer.vocab_size, models.dvae.cfg.codebook_size)
     fingerprint = data_fingerprint(args.tokens)
     parent = parent_run(params, ablation_key(params, fingerprint))
-    checkpoint = args.checkpoints / f"{args.schedule}.pt"
-    out = args.reports / args.schedule
+    checkpoint = checkpoints / f"{name}.pt"
+    out = reports / name
     tags = {"mlflow.parentRunId": parent, "ablation_schedule": args.schedule}
-    with training_run(f"ablate@{args.schedule}", params, checkpoint, cfg.resume, tags, reports=out) as run:
+    with training_run(f"ablate@{name}", params, checkpoint, cfg.resume, tags, reports=out) as run:
         kinds = ",".join(layer_kinds(cfg.schedule, cfg.n_layers))  # logged again on a resume: the same values
         log_params({"ablation.schedule": args.schedule, "ablation.layer_kinds": kinds})
         started = time.monotonic()
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
             loader=params.loader,
         )
         seconds = time.monotonic() - started
-        captions, records = caption_set(args.prepared, params.ablation.n_captions)
+        captions, records = caption_set(args.prepared, n_captions)
         prior_models = dataclasses.replace(models, prior=result.model)
         sampling = params.sample
         started_sampling = time.monotonic()
@@ -141,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         nll = evaluate_prior(result.model, load_tokens(args.tokens, "test"), len(real), device)
         metrics = {
             "schedule": args.schedule,
+            "seed": params.seed,
             "steps": cfg.steps,
+            "captions": len(captions),
             **fid_with_interval(f"fid_{name}", features(real), features(images), params.seed),
             "test_text_nll": nll["val_text_nll"],
             "test_image_bits": nll["val_image_bits"],

@@ -30,7 +30,7 @@ from dalle.data.tokens import code_counts, encode_shard, load_tokens, token_dtyp
 from dalle.dvae import load_dvae
 from dalle.dvae_train import codebook_usage
 from dalle.text import TextTokenizer
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_csv
 from pipelines.tracking import log_artifact, log_metrics, stage_run
 from pipelines.train_dvae import MODEL_DIR, PREPARED
@@ -71,6 +71,7 @@ def barrier() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--models", type=Path, default=MODEL_DIR)
     parser.add_argument("--out", type=Path, default=TOKENS)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     only.add_argument("--merge", action="store_true", help="encode nothing; publish the staged shards")
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     text_len = params.tokenizer.text_len
     if not (args.models / "model.safetensors").is_file():
         raise FileNotFoundError(f"{args.models}/model.safetensors not found; run the train_dvae stage first")

@@ -41,7 +41,7 @@ from dalle.pixels import to_float_images  # noqa: E402
 from dalle.prior_train import evaluate_prior  # noqa: E402
 from dalle.training import default_device  # noqa: E402
 from dalle.viz import contact_sheet  # noqa: E402
-from pipelines.params import load_params  # noqa: E402
+from pipelines.params import add_seed_argument, load_params  # noqa: E402
 from pipelines.reports import write_csv, write_json  # noqa: E402
 from pipelines.sample import caption_rows  # noqa: E402
 from pipelines.tracking import log_artifact, log_metrics, stage_run  # noqa: E402
@@ -198,17 +198,19 @@ def figures(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--tokens", type=Path, default=TOKENS)
     parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--evalnet", type=Path, default=None, help="evaluation network (default: MODELS/evalnet)")
     parser.add_argument("--reports", type=Path, default=REPORT_DIR)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     cfg, sampling = params.eval, params.sample
     device = default_device()
     models = load_models(args.models, device)
-    evaluator = load_evaluator(args.models / "evalnet", device)
+    evaluator = load_evaluator(args.evalnet or args.models / "evalnet", device)
     evalnet = evaluator if isinstance(evaluator, EvalNet) else None  # shapes: reads attributes
     scorer = evaluator if isinstance(evaluator, CaptionScorer) else None  # other data: CLIP-score
     test = load_split(args.prepared, "test")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -39,8 +41,21 @@ def read_yaml(path: Path):
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
 
 
-def load_params(path: str | Path = DEFAULT_PATH) -> Params:
+def load_params(path: str | Path = DEFAULT_PATH, seed: int | None = None) -> Params:
+    """The validated params in ``path``; ``seed``, when given, replaces the training seed (``seed``) only: the
+    data, its splits and the test captions follow ``data.seed`` and stay the same."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path.resolve()}")
-    return Params.from_dict(read_yaml(path), source=str(path))
+    params = Params.from_dict(read_yaml(path), source=str(path))
+    if seed is None:
+        return params
+    if seed < 0:
+        raise ParamsError(f"--seed: must be >= 0, got {seed}")
+    return dataclasses.replace(params, seed=seed)
+
+
+def add_seed_argument(parser: argparse.ArgumentParser) -> None:
+    """``--seed N``: train, sample or evaluate with training seed N instead of params.yaml's ``seed`` (the
+    per-seed chains of ``pipelines/seeds/dvc.yaml``)."""
+    parser.add_argument("--seed", type=int, default=None, help="training seed instead of params.yaml's seed")

@@ -1,4 +1,5 @@
-"""DVC stage ``prepare``: params ``seed``, ``data``, ``tokenizer`` → ``data/prepared/`` (+ an MLflow run)."""
+"""DVC stage ``prepare``: params ``data`` (``data.seed`` renders and splits), ``tokenizer`` → ``data/prepared/``
+(+ an MLflow run)."""
 
 from __future__ import annotations
 

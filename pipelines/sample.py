@@ -23,7 +23,7 @@ from dalle.data.store import load_split
 from dalle.generate import Candidates, generate, load_models, write_outputs
 from dalle.sampling import sample_image_tokens
 from dalle.training import default_device
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_json
 from pipelines.tracking import log_artifact, log_metrics, stage_run
 from pipelines.train_dvae import PREPARED
@@ -100,16 +100,18 @@ def cache_speedup(models, caption: str, batch: int = 16) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--models", type=Path, default=MODELS)
+    parser.add_argument("--evalnet", type=Path, default=None, help="evaluation network (default: MODELS/evalnet)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--reports", type=Path, default=REPORT_DIR)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     cfg = params.sample
     models = load_models(args.models, default_device())
-    evaluator = load_evaluator(args.models / "evalnet", models.device)
+    evaluator = load_evaluator(args.evalnet or args.models / "evalnet", models.device)
     captions, records = caption_set(args.prepared, cfg.n_captions)
     with stage_run("sample", params, reports=args.reports) as run:
         started = time.monotonic()

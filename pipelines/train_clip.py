@@ -18,7 +18,7 @@ from dalle.config import ClipConfig, LoaderConfig, Params
 from dalle.data.store import Split, load_split
 from dalle.data.tokens import TokenSplit, load_tokens
 from dalle.text import TextTokenizer
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.tracking import MlflowCurves, log_artifact, log_metrics, training_run
 from pipelines.train_dvae import PREPARED
@@ -89,6 +89,7 @@ def model_dims(model: Clip) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--tokens", type=Path, default=TOKENS)
     parser.add_argument("--models", type=Path, default=MODEL_DIR)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     cfg = params.clip
     data = ContrastiveData.load(params, args.prepared, args.tokens)
     with training_run("train_clip", params, args.checkpoint, cfg.resume, reports=args.reports) as run:

@@ -19,7 +19,7 @@ from dalle.data.judge import attribute_accuracy
 from dalle.data.store import STATS_FILE, load_split
 from dalle.dvae_train import Callbacks, reconstruct, train_dvae, training_images
 from dalle.training import default_device
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_csv
 from pipelines.tracking import MlflowCurves, log_artifact, log_image, log_metrics, training_run
 
@@ -62,13 +62,14 @@ def reconstruction_attributes(model, prepared: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--models", type=Path, default=MODEL_DIR)
     parser.add_argument("--reports", type=Path, default=REPORT_DIR)
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     cfg = params.dvae
     torch.set_flush_denormal(True)  # near-black images drive activations denormal; CPU steps slow down 10x
     cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch

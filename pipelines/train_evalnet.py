@@ -10,7 +10,7 @@ model that is evaluated. Metrics: its accuracy on the real test images, seen and
 
 Any other dataset (``kind: clip``): captions carry no labels, so the instrument is a second contrastive model
 (``dalle/clip.py``), trained like the reranker (the ``clip`` section, on the training split) from another seed
-(``seed`` + ``EVALNET_SEED_OFFSET``: other initial weights and batch order). Evaluation reads the CLIP-score
+(``data.seed`` + ``EVALNET_SEED_OFFSET``: other initial weights and batch order). Evaluation reads the CLIP-score
 analogue of samples with it, never with the reranker that picked them. Metrics: its retrieval on val and test.
 """
 
@@ -78,7 +78,7 @@ def render_all_pairs(params) -> tuple[np.ndarray, list[dict]]:
     """``evalnet.n_images`` single-object shapes like the dataset's but with no pair held out, from their own
     random stream (the seed shifted by a constant, so none is a copy of a dataset image)."""
     data = dataclasses.replace(params.data, holdout_pairs=(), max_objects=1)
-    pairs = list(iter_shapes(data, params.seed + EVALNET_SEED_OFFSET, "train", params.evalnet.n_images))
+    pairs = list(iter_shapes(data, params.data.seed + EVALNET_SEED_OFFSET, "train", params.evalnet.n_images))
     return np.stack([image for image, _ in pairs]), [record for _, record in pairs]
 
 
@@ -89,7 +89,7 @@ def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[st
         shutil.rmtree(args.models, ignore_errors=True)
         started = time.monotonic()
         images, records = render_all_pairs(params)
-        model = train_evalnet(cfg, params.seed, images, records, default_device())
+        model = train_evalnet(cfg, params.data.seed, images, records, default_device())
         seconds = time.monotonic() - started
         config = {"kind": KIND_ATTRIBUTES, **dataclasses.asdict(cfg), "image_size": params.data.image_size}
         save_weights(model, args.models, config)
@@ -109,7 +109,7 @@ def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[st
 
 
 def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, float]:
-    cfg, seed = params.clip, params.seed + EVALNET_SEED_OFFSET
+    cfg, seed = params.clip, params.data.seed + EVALNET_SEED_OFFSET
     data = ContrastiveData.load(params, args.prepared, args.tokens)
     test = load_split(args.prepared, "test", params.data.cache_mb * 2**20)
     with training_run("train_evalnet", params, args.checkpoint, cfg.resume, reports=args.reports):

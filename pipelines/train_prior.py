@@ -30,7 +30,7 @@ from dalle.dvae import load_dvae
 from dalle.prior_train import Callbacks, geometry_of, train_prior
 from dalle.text import TextTokenizer
 from dalle.viz import contact_sheet
-from pipelines.params import load_params
+from pipelines.params import add_seed_argument, load_params
 from pipelines.reports import write_csv, write_json
 from pipelines.tracking import MlflowCurves, log_artifact, log_image, log_metrics, training_run
 from pipelines.train_dvae import MODEL_DIR as DVAE_DIR
@@ -109,6 +109,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--params", default="params.yaml")
+    add_seed_argument(parser)
     parser.add_argument("--prepared", type=Path, default=PREPARED)
     parser.add_argument("--tokens", type=Path, default=TOKENS)
     parser.add_argument("--dvae", type=Path, default=DVAE_DIR)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
     args = parser.parse_args(argv)
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.seed)
     cfg = params.prior
     if not (args.dvae / "model.safetensors").is_file():
         raise FileNotFoundError(f"{args.dvae}/model.safetensors not found; run the train_dvae stage first")

@@ -38,11 +38,11 @@ def prepare_dataset(params: Params, out_dir: str | Path, units: slice | None = N
     staging = out_dir.with_name(f".{out_dir.name}.staging")
     cfg = params.data
     _open_staging(staging, params)
-    plan = plan_units(cfg, params.seed)
+    plan = plan_units(cfg, cfg.seed)
     if units is not None:
-        build_units(cfg, params.seed, plan[units], staging)
+        build_units(cfg, cfg.seed, plan[units], staging)
         return None
-    unit_ids = build_units(cfg, params.seed, plan, staging, capacities(cfg))
+    unit_ids = build_units(cfg, cfg.seed, plan, staging, capacities(cfg))
     skipped = Skipped()
     tmp = staging / "publish"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -72,7 +72,7 @@ def prepare_dataset(params: Params, out_dir: str | Path, units: slice | None = N
 
 def _open_staging(staging: Path, params: Params) -> None:
     """Reuse ``staging`` if it was made for the same data settings; otherwise start it afresh."""
-    settings = {k: v for k, v in params.flat().items() if k.startswith("data.") or k == "seed"}
+    settings = {k: v for k, v in params.flat().items() if k.startswith("data.")}
     for key in ("data.workers", "data.cache_mb", "data.n_train", "data.n_val", "data.n_test"):
         settings.pop(key)  # how fast or how much, not what: units stay valid
     fingerprint = json.dumps({"format": FORMAT, "settings": settings}, sort_keys=True, default=str)
