@@ -114,12 +114,16 @@ def predict(model: EvalNet, images: np.ndarray, batch_size: int = 500) -> dict[s
     return {name: np.concatenate(values) for name, values in out.items()}
 
 
-def caption_accuracy(model: EvalNet, images: np.ndarray, records: Sequence[Mapping]) -> dict[str, float]:
-    """Fraction of images whose predicted attribute matches the caption's, per attribute and all four (``all``)."""
+def caption_hits(model: EvalNet, images: np.ndarray, records: Sequence[Mapping]) -> dict[str, np.ndarray]:
+    """Per image, whether its predicted attribute matches the caption's: one bool array per attribute and ``all``."""
     predicted, expected = predict(model, images), labels(records)
     hits = {name: predicted[name] == expected[name] for name in HEADS}
-    every = np.all(list(hits.values()), axis=0)
-    return {**{name: float(hit.mean()) for name, hit in hits.items()}, "all": float(every.mean())}
+    return {**hits, "all": np.all(list(hits.values()), axis=0)}
+
+
+def caption_accuracy(model: EvalNet, images: np.ndarray, records: Sequence[Mapping]) -> dict[str, float]:
+    """Fraction of images whose predicted attribute matches the caption's, per attribute and all four (``all``)."""
+    return {name: float(hit.mean()) for name, hit in caption_hits(model, images, records).items()}
 
 
 @torch.no_grad()

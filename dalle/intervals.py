@@ -70,6 +70,51 @@ def bootstrap_fid(
     return float(low - shift), float(high - shift)
 
 
+def mean_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean of ``values`` (per-image NLLs, or paired per-caption differences)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        raise ValueError(f"need at least 2 values for an interval of their mean, got {len(values)}")
+    mean, sem = values.mean(), stats.sem(values)
+    if sem == 0:
+        return float(mean), float(mean)
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+    return float(low), float(high)
+
+
+def bootstrap_fid_difference(
+    real: np.ndarray,
+    features_a: np.ndarray,
+    features_b: np.ndarray,
+    resamples: int,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float, float]:
+    """FID(real, a) - FID(real, b) and its bootstrap interval, for two generated sets whose rows are paired (row i of
+    both from the same caption): the real images and the caption rows are resampled, one draw for both FIDs, so the
+    shared part of their spread cancels. Re-centred on the estimate like ``bootstrap_fid``; a and b must have the
+    same number of rows, so that their small-sample biases are alike and cancel too."""
+    if resamples < 10:
+        raise ValueError(f"need at least 10 bootstrap resamples, got {resamples}")
+    r, a, b = (np.asarray(f, dtype=np.float64) for f in (real, features_a, features_b))
+    if a.shape != b.shape:
+        raise ValueError(f"paired feature sets must have the same shape, got {a.shape} and {b.shape}")
+    rng = np.random.default_rng(seed)
+    values = np.empty(resamples)
+    for i in range(resamples):
+        moments_r = _moments(r, np.bincount(rng.integers(0, len(r), len(r)), minlength=len(r)).astype(np.float64))
+        rows = np.bincount(rng.integers(0, len(a), len(a)), minlength=len(a)).astype(np.float64)
+        values[i] = fid_from_moments(*moments_r, *_moments(a, rows)) - fid_from_moments(*moments_r, *_moments(b, rows))
+    ones_r, ones = np.ones(len(r)), np.ones(len(a))
+    estimate = fid_from_moments(*_moments(r, ones_r), *_moments(a, ones)) - fid_from_moments(
+        *_moments(r, ones_r), *_moments(b, ones)
+    )
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    shift = np.median(values) - estimate
+    return float(estimate), float(low - shift), float(high - shift)
+
+
 def resamples_for(dim: int) -> int:
     """Bootstrap resamples per FID: 1,000 for small feature spaces, 100 for 2048-d Inception features (each
     resample there costs a 2048² eigendecomposition)."""

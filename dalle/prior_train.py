@@ -195,6 +195,27 @@ def evaluate_prior(prior: Prior, tokens: TokenSplit, n_images: int, device: torc
     }
 
 
+@torch.no_grad()
+def image_bits_per_image(
+    prior: Prior, tokens: TokenSplit, n_images: int, device: torch.device, batch_size: int = 250
+) -> np.ndarray:
+    """Image NLL in bits per token of each of the first ``n_images`` images with its first caption (one process):
+    the per-image values whose mean is ``evaluate_prior``'s ``val_image_bits``, for an interval over images."""
+    prior.eval()
+    n_images = min(n_images, len(tokens))
+    out = []
+    for start in range(0, n_images, batch_size):
+        images = np.arange(start, min(start + batch_size, n_images))
+        batch = to_batch(tokens, images, tokens.caption_offsets[images], device)
+        with mixed_precision(device):
+            logits, _ = prior(*batch)
+        ce = torch.nn.functional.cross_entropy(
+            logits.image.flatten(0, 1).float(), batch.image_tokens.flatten().long(), reduction="none"
+        )
+        out.append((ce.view(len(images), -1).double().mean(1) / math.log(2)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def resume_config(
     cfg: PriorConfig,
     seed: int,

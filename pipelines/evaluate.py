@@ -1,24 +1,43 @@
 """DVC stage ``evaluate``: the paper's evaluation (§3.2, Fig. 9) on the test split, plus zero-shot caption accuracy.
 
-For ``eval.n_captions`` test captions (half seen, half held-out colour-shape pairs on shapes) it draws
-max(``eval.rerank_n``) candidates each and measures, for every N in ``rerank_n``, the best of the first N by the
-reranker: FID against all real test images, the reranker score, and what the independent instrument of
-``train_evalnet`` reads: caption accuracy (seen / held-out) on shapes, the CLIP-score analogue (``clip_score``,
-``dalle/clip_metrics.py``) on datasets without attribute labels. At the headline N (``sample.candidates``) it also
-gives FID vs Gaussian blur of both sets, FID of dVAE reconstructions (the floor the prior can reach) and accuracy
-by attribute, and over the whole test split the reranker's text → image retrieval (each image's first caption
-among all test images, R@1/5/10 beside chance) and the prior's text and image NLL. FID is named by its feature
-network: ``fid_evalnet`` (default), ``fid_inception`` (``eval.fid_features: inception``) or ``fid_reranker``
-(datasets without attribute labels). Measures a dataset cannot give are absent, never 0.
+For ``eval.n_captions`` test images (on shapes: single-object ones, half with seen and half with held-out
+colour-shape pairs) it generates one caption each, max(``eval.rerank_n``) candidates per caption, and measures, for
+every N in ``rerank_n``, the best of the first N by the reranker: FID against all real test images, the reranker
+score, and what the independent instrument of ``train_evalnet`` reads: caption accuracy (seen / held-out) on shapes,
+the CLIP-score analogue (``clip_score``, ``dalle/clip_metrics.py``) on datasets without attribute labels. At the
+headline N (``sample.candidates``) it also gives FID vs Gaussian blur of both sets, FID of dVAE reconstructions (the
+floor the prior can reach) and accuracy by attribute, and over the whole test split the reranker's text → image
+retrieval (each image's first caption among all test images, R@1/5/10 beside chance) and the prior's text and
+image NLL. FID is named by its feature network: ``fid_evalnet`` (default), ``fid_inception``
+(``eval.fid_features: inception``) or ``fid_reranker`` (datasets without attribute labels). Measures a dataset
+cannot give are absent, never 0.
+
+Captions on shapes are canonical, not taken from the test split: ``a {size} {colour} {shape} in the {position}``
+built from each chosen image's record (``shapes.canonical_caption``), so every caption names all four attributes
+the accuracies check (other datasets keep each image's first caption). Beside the evaluation network's
+``accuracy_*`` the pixel-rule judge (``dalle/data/judge.py``) scores the same picks: ``judge_accuracy_{seen,
+held_out}_n<N>`` at every N, all four attributes right. The single-object targets are read from these.
+
+With ``data.max_objects: 2`` the test split also has two-object images; up to ``eval.n_captions`` of them (half
+seen, half with a held-out pair in either object) get the canonical ``a {size} {colour} {shape} {relation} a
+{size2} {colour2} {shape2}`` (``shapes.canonical_relation_caption``, the record's own relation), headline-N
+candidates each, and the scene judge (``judge.judge_scene``) scores the pick at N = 1 and the headline N:
+``two_object_exact_{seen,held_out}_n<N>`` (both objects' colour, shape and size and the relation right) and, at the
+headline N, the parts ``two_object_objects_*`` and ``two_object_relation_*``; ``two_object_captions_*`` count them.
+Every accuracy comes with its 95% Wilson interval (``_low``, ``_high``).
+
 Outputs: ``reports/eval/metrics.json`` (DVC metrics), ``fid_vs_n.csv``, ``fid_vs_blur.csv``,
-``accuracy_by_attribute.csv`` (DVC plots; header-only without labels) with PNG figures, and ``sheets/sheet_n<N>.png``
-(the first ``eval.sheet_captions`` captions under their pick among N); all in one MLflow run.
+``accuracy_by_attribute.csv`` (DVC plots; header-only without labels) with PNG figures, ``sheets/sheet_n<N>.png``
+(the first ``eval.sheet_captions`` captions under their pick among N), ``sheets/two_object_n<N>.png`` (two-object
+captions) and ``sheets/captions.csv`` (every generated caption with the judge's verdict at the headline N); all in
+one MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +49,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dalle.clip_metrics import RECALL_K, CaptionScorer, chance_recall, clip_score, text_to_image_recall  # noqa: E402
+from dalle.data.judge import judge, judge_scene  # noqa: E402
+from dalle.data.shapes import canonical_caption, canonical_relation_caption  # noqa: E402
 from dalle.data.store import Split, load_split  # noqa: E402
 from dalle.data.tokens import load_tokens  # noqa: E402
 from dalle.dvae_train import reconstruct  # noqa: E402
@@ -53,6 +74,8 @@ MODELS = Path("models")
 REPORT_DIR = Path("reports/eval")
 Features = Callable[[np.ndarray], np.ndarray]
 ATTRIBUTE_COLUMNS = ["attribute", "group", "accuracy", "accuracy_low", "accuracy_high", "captions"]
+GROUPS = (("seen", False), ("held_out", True))
+TWO_OBJECT_PARTS = ("exact", "relation", "objects")  # of judge.Scene.matches; only exact at N = 1
 
 
 def feature_space(
@@ -104,6 +127,78 @@ def group_sizes(records) -> dict[str, int]:
     return {name: len(rows) for name, rows in group_rows(records).items()}
 
 
+def test_captions(records, shapes: bool) -> list[str]:
+    """The caption generated for each record: on shapes the canonical one of its (single) object, so that every
+    caption names all four attributes the judges read; elsewhere its first caption."""
+    if not shapes:
+        return [str(caps[0]) for caps in records["captions"]]
+    return [canonical_caption(r["size"], r["colour"], r["shape"], r["position"]) for r in records.to_dict("records")]
+
+
+def judge_hits(images: np.ndarray, records) -> np.ndarray:
+    """Per image: does the pixel-rule judge read all four attributes of its record?"""
+    return np.array([judge(image).matches(record)["all"] for image, record in zip(images, records.to_dict("records"))])
+
+
+def two_object_rows(records, n: int, holdout_pairs: Sequence[Sequence[str]]) -> np.ndarray:
+    """Row numbers of up to ``n`` two-object images of ``records``: seen ones, then up to ``n // 2`` with a held-out
+    (colour, shape) pair, alternating between those that hold it in the first and in the second object."""
+    records = records.reset_index(drop=True)
+    if "n_objects" not in records:
+        return np.array([], dtype=int)
+    two = records[records["n_objects"] == 2]
+    held = two[two["held_out"]]
+    pairs = {tuple(pair) for pair in holdout_pairs}
+    in_first = np.array([(colour, shape) in pairs for colour, shape in zip(held["colour"], held["shape"])], bool)
+    alternating = [i for pair in itertools.zip_longest(held.index[in_first], held.index[~in_first]) for i in pair]
+    held_rows = [i for i in alternating if i is not None][: n // 2]
+    seen_rows = list(two.index[~two["held_out"].to_numpy(bool)][: n - len(held_rows)])
+    return np.array(seen_rows + held_rows, dtype=int)
+
+
+def two_object_caption(record) -> str:
+    """The canonical two-object caption of a record, in its objects' order and with its relation."""
+    first = [record[key] for key in ("size", "colour", "shape")]
+    return canonical_relation_caption(*first, record["relation"], record["size2"], record["colour2"], record["shape2"])
+
+
+def best_picks(results: list[Candidates], ns: Sequence[int]) -> dict[int, np.ndarray]:
+    """Per N in ``ns``: the reranker's picks among the first N candidates of every caption, ``(captions, S, S, 3)``."""
+    return {n: np.stack([best_of_first(result, n)[0] for result in results]) for n in ns}
+
+
+def judge_scenes(images: np.ndarray, records) -> list[dict[str, bool]]:
+    """``Scene.matches`` of each image's judged scene against its two-object record."""
+    return [judge_scene(image).matches(record) for image, record in zip(images, records.to_dict("records"))]
+
+
+def two_object_metrics(hits: dict[int, list[dict[str, bool]]], held_out: np.ndarray, headline: int) -> dict:
+    """``two_object_<part>_<group>_n<N>`` with Wilson intervals from ``hits[N]`` (``Scene.matches`` per caption):
+    ``exact`` at every N given, every part of TWO_OBJECT_PARTS at the headline N; and the captions per group."""
+    metrics: dict = {}
+    for group, flag in GROUPS:
+        rows = np.flatnonzero(held_out == flag)
+        metrics[f"two_object_captions_{group}"] = len(rows)
+        for n, scene_hits in hits.items() if len(rows) else ():  # a group without captions has no accuracy
+            for part in TWO_OBJECT_PARTS if n == headline else TWO_OBJECT_PARTS[:1]:
+                value = float(np.mean([scene_hits[i][part] for i in rows]))
+                metrics.update(with_interval(f"two_object_{part}_{group}_n{n}", value, len(rows)))
+    return metrics
+
+
+def caption_table(captions: list[str], records, verdicts: Sequence[bool] | None, headline: int) -> list[dict]:
+    """One row per generated caption: its text, objects, group and whether the judge passed the pick among N."""
+    return [
+        {
+            "caption": caption,
+            "objects": int(record.get("n_objects", 1)),
+            "held_out": record.get("held_out"),
+            f"judged_n{headline}": None if verdicts is None else bool(verdicts[i]),
+        }
+        for i, (caption, record) in enumerate(zip(captions, records.to_dict("records")))
+    ]
+
+
 def with_interval(key: str, value: float | None, n: int) -> dict[str, float | None]:
     """``{key: value, key_low, key_high}``: a fraction of ``n`` captions with its 95% Wilson interval."""
     if value is None:
@@ -129,13 +224,13 @@ def retrieval(reranker: CaptionScorer, split: Split) -> dict[str, float]:
     }
 
 
-def write_sheets(out: Path, captions: list[str], chosen_at: dict[int, tuple[np.ndarray, np.ndarray]], n: int):
-    """``sheet_n<N>.png`` per N: the first ``n`` captions under the reranker's pick among N candidates."""
+def write_sheets(out: Path, captions: list[str], chosen_at: dict[int, np.ndarray], n: int, name: str = "sheet"):
+    """``<name>_n<N>.png`` per N: the first ``n`` captions under the reranker's pick among N candidates."""
     out.mkdir(parents=True, exist_ok=True)
     n = min(n, len(captions))
     paths = []
-    for candidates, (images, _) in chosen_at.items():
-        paths.append(out / f"sheet_n{candidates}.png")
+    for candidates, images in chosen_at.items():
+        paths.append(out / f"{name}_n{candidates}.png")
         contact_sheet(images[:n], captions[:n], columns=min(8, n)).save(paths[-1])
     return paths
 
@@ -158,10 +253,12 @@ def figures(
     ns = [r["n"] for r in by_n]
     ax[0].errorbar(ns, [r[fid_key] for r in by_n], error_bars(by_n, fid_key), fmt="o-", capsize=3)
     ax[0].set(xscale="log", xlabel="candidates reranked (N)", ylabel=fid_key, title="FID vs N (95% bootstrap)")
-    accuracies = [key for key in ("accuracy_seen", "accuracy_held_out") if by_n[0][key] is not None]
+    keys = ("accuracy_seen", "accuracy_held_out", "judge_accuracy_seen", "judge_accuracy_held_out")
+    accuracies = [key for key in keys if by_n[0][key] is not None]
     for key in accuracies:
-        label = key.removeprefix("accuracy_")
-        ax[1].errorbar(ns, [r[key] for r in by_n], error_bars(by_n, key), fmt="o-", capsize=3, label=label)
+        label = ("judge " if key.startswith("judge") else "evalnet ") + key.removeprefix("judge_").split("_", 1)[1]
+        style = "s--" if key.startswith("judge") else "o-"
+        ax[1].errorbar(ns, [r[key] for r in by_n], error_bars(by_n, key), fmt=style, capsize=3, label=label)
     if accuracies:
         ax[1].set(ylabel="caption accuracy (all 4; 95% Wilson)", ylim=(0, 1.02))
         ax[1].legend()
@@ -216,29 +313,31 @@ def main(argv: list[str] | None = None) -> None:
     test = load_split(args.prepared, "test")
     rows = caption_rows(test.records, cfg.n_captions)
     records = test.records.iloc[rows].reset_index(drop=True)
-    captions = [str(caps[0]) for caps in records["captions"]]
+    shapes = params.data.source == "shapes"
+    captions = test_captions(records, shapes)
+    two_rows = two_object_rows(test.records, cfg.n_captions, params.data.holdout_pairs) if shapes else []
+    two_records = test.records.iloc[two_rows].reset_index(drop=True)
+    two_captions = [two_object_caption(record) for record in two_records.to_dict("records")]
     headline = sampling.candidates if sampling.candidates in cfg.rerank_n else cfg.rerank_n[-1]
+    draw = partial(
+        generate,
+        models,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        guidance_scale=sampling.guidance_scale,
+        seed=params.seed,
+        batch_size=sampling.batch_size,
+    )
     with stage_run("evaluate", params, reports=args.reports):
         name, features = feature_space(cfg.fid_features, cfg.inception_weights, models, evalnet)
         fid_key = f"fid_{name}"
-        results = list(
-            generate(
-                models,
-                captions,
-                cfg.rerank_n[-1],
-                sampling.temperature,
-                sampling.top_k,
-                sampling.top_p,
-                sampling.guidance_scale,
-                params.seed,
-                sampling.batch_size,
-            )
-        )
+        results = list(draw(captions, cfg.rerank_n[-1]))
         real = np.asarray(test.images)
         real_features = features(real)
         sizes, fid = group_sizes(records), partial(fid_with_interval, seed=params.seed)
         caption_embeddings = None if scorer is None else scorer.embed_captions(captions)
-        by_n, chosen_at = [], {}  # chosen_at[n]: (images, their features)
+        by_n, chosen_at, judged_at = [], {}, {}  # chosen_at[n]: (images, their features); judged_at[n]: hits
         for n in cfg.rerank_n:
             picks = [best_of_first(result, n) for result in results]
             images = np.stack([image for image, _ in picks])
@@ -246,9 +345,13 @@ def main(argv: list[str] | None = None) -> None:
             row = {"n": n, **fid(fid_key, real_features, chosen_at[n][1])}
             row["reranker_score"] = float(np.mean([score for _, score in picks]))
             accuracy = accuracy_by_group(evalnet, images, records)
-            for group in ("seen", "held_out"):  # every row has every column: a blank is a measure not taken
+            judged_at[n] = hits = judge_hits(images, records) if shapes else None
+            # Every row has every column: a blank is a measure not taken.
+            for group, members in group_rows(records).items():
                 value = accuracy[group]["all"] if group in accuracy else None
-                row.update(with_interval(f"accuracy_{group}", value, sizes[group]))
+                row.update(with_interval(f"accuracy_{group}", value, len(members)))
+                judged = float(hits[members].mean()) if hits is not None and len(members) else None
+                row.update(with_interval(f"judge_accuracy_{group}", judged, len(members)))
             row["clip_score"] = None if scorer is None else clip_score(scorer.embed_images(images), caption_embeddings)
             by_n.append(row)
 
@@ -311,6 +414,16 @@ def main(argv: list[str] | None = None) -> None:
             for group in groups:
                 key, name = f"accuracy_{group}", f"accuracy_{group}_n{n_row['n']}"
                 metrics.update({name + end: n_row[key + end] for end in ("", "_low", "_high")})
+        for n_row in by_n:  # the pixel-rule judge at every N
+            for group, _ in GROUPS:
+                key, name = f"judge_accuracy_{group}", f"judge_accuracy_{group}_n{n_row['n']}"
+                if n_row[key] is not None:
+                    metrics.update({name + end: n_row[key + end] for end in ("", "_low", "_high")})
+        # max_objects 2: the same for two-object scenes, by the scene judge, at N = 1 and the headline N only.
+        two_chosen = {} if not two_captions else best_picks(list(draw(two_captions, headline)), sorted({1, headline}))
+        two_hits = {n: judge_scenes(images, two_records) for n, images in two_chosen.items()}
+        if two_hits:
+            metrics.update(two_object_metrics(two_hits, two_records["held_out"].to_numpy(bool), headline))
         real_sizes = group_sizes(test.records)
         for group, accuracy in accuracy_by_group(evalnet, real, test.records).items():
             metrics.update(with_interval(f"real_accuracy_all_{group}", accuracy["all"], real_sizes[group]))
@@ -321,7 +434,14 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(args.reports / "fid_vs_blur.csv", by_blur)
         write_csv(args.reports / "accuracy_by_attribute.csv", by_attribute, ATTRIBUTE_COLUMNS)
         pictures = figures(args.reports, fid_key, by_n, by_blur, by_attribute, params.data.source)
-        sheets = write_sheets(args.reports / "sheets", captions, chosen_at, cfg.sheet_captions)
+        sheets = write_sheets(
+            args.reports / "sheets", captions, {n: c[0] for n, c in chosen_at.items()}, cfg.sheet_captions
+        )
+        sheets += write_sheets(args.reports / "sheets", two_captions, two_chosen, cfg.sheet_captions, "two_object")
+        table = caption_table(captions, records, judged_at[headline], headline)
+        table += caption_table(two_captions, two_records, [h["exact"] for h in two_hits.get(headline, [])], headline)
+        sheets.append(args.reports / "sheets" / "captions.csv")
+        write_csv(sheets[-1], table, list(table[0]))
         log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
         for row in by_n:
             measured = {f"{k}_vs_n": float(v) for k, v in row.items() if k != "n" and v is not None}
@@ -330,7 +450,10 @@ def main(argv: list[str] | None = None) -> None:
             log_artifact(str(path))
         for path in sheets:
             log_artifact(str(path), artifact_path="sheets")
+    judged = (f"judge_accuracy_seen_n{headline}", f"judge_accuracy_held_out_n{headline}")
+    judged += tuple(f"two_object_exact_{group}_n{headline}" for group in ("seen", "held_out"))
     scores = [f"{k} {v:.0%}" for k, v in metrics.items() if k.startswith(("accuracy_all", "retrieval_text_to_image"))]
+    scores += [f"{k} {metrics[k]:.0%}" for k in judged if k in metrics]
     scores += [f"{k} {v:.1f}" for k, v in metrics.items() if k.startswith("clip_score")]
     print(
         f"evaluate: {fid_key} {metrics[fid_key]:.2f} (reconstructions {metrics[f'{fid_key}_reconstruction']:.2f}) "

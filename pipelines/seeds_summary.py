@@ -36,6 +36,10 @@ HEADLINE = (
     ("eval", "accuracy_held_out_n1"),
     ("eval", "accuracy_seen_n16"),
     ("eval", "accuracy_held_out_n16"),
+    ("eval", "judge_accuracy_seen_n1"),  # the pixel-rule judge on canonical captions: what the targets read
+    ("eval", "judge_accuracy_held_out_n1"),
+    ("eval", "judge_accuracy_seen_n16"),
+    ("eval", "judge_accuracy_held_out_n16"),
     ("eval", "fid"),
     ("eval", "fid_reconstruction"),
     ("eval", "test_image_bits"),
@@ -92,7 +96,7 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
 
 def plot(per_seed: dict[int, dict[str, float]], summary: dict[str, float], path: Path) -> None:
     keys = [key for _, key in HEADLINE]
-    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(3.0 * ((len(keys) + 1) // 2), 6.0))
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(2.6 * ((len(keys) + 1) // 2), 6.0))
     seeds = list(per_seed)
     for ax, key in zip(axes.flat, keys):
         mean, sd = summary[key], summary[f"{key}_sd"]

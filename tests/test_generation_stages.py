@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,9 +18,12 @@ from mlflow.tracking import MlflowClient
 from test_dvae_stages import stage_args, tiny_params
 
 from dalle import __main__ as cli
+from dalle.data.shapes import canonical_caption, canonical_relation_caption
+from dalle.data.store import load_split
 from dalle.prior import load_prior
 from pipelines import (
     ablate,
+    ablation_study,
     ablation_summary,
     encode,
     evaluate,
@@ -268,7 +272,9 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
     attributes = ("colour", "shape", "size", "position", "all")
     expected |= {f"accuracy_{a}_{g}" for a in attributes for g in ("seen", "held_out")}
     expected |= {f"retrieval_{kind}_r{k}" for kind in ("text_to_image", "chance") for k in (1, 5, 10)}
+    expected |= {f"judge_accuracy_{g}_n{n}{end}" for g in ("seen", "held_out") for n in (1, 2, 3) for end in JUDGED}
     assert expected <= set(metrics), expected - set(metrics)
+    assert not [k for k in metrics if k.startswith("two_object")], "one object per image: no two-object captions"
     assert not [k for k in metrics if k.startswith("clip_score")], "the attribute network reads no CLIP-score"
     assert metrics["headline_n"] == 3 and metrics["fid_evalnet_reconstruction"] >= 0
     # Every value with its interval: bootstrap over images for FID, Wilson over captions for accuracies.
@@ -291,11 +297,77 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
     assert {"accuracy_low", "accuracy_high", "captions"} <= set(attribute_rows[0])
     for name in ("fid_vs_blur.png", "fid_vs_n.png", "accuracy_by_attribute.png", "accuracy_by_attribute.csv"):
         assert (tmp_path / "eval" / name).is_file(), name
-    assert sorted(p.name for p in (tmp_path / "eval" / "sheets").iterdir()) == [f"sheet_n{n}.png" for n in (1, 2, 3)]
+    sheets = sorted(p.name for p in (tmp_path / "eval" / "sheets").iterdir())
+    assert sheets == ["captions.csv", *(f"sheet_n{n}.png" for n in (1, 2, 3))]
+    # Canonical captions of the chosen test images, each with the judge's verdict behind judge_accuracy_*_n3.
+    test_records = load_split(upstream / "prepared", "test").records
+    chosen = test_records.iloc[sample.caption_rows(test_records, 4)].to_dict("records")
+    table = read_captions(tmp_path / "eval" / "sheets" / "captions.csv")
+    assert [row["caption"] for row in table] == [
+        canonical_caption(r["size"], r["colour"], r["shape"], r["position"]) for r in chosen
+    ]
+    for group, held_out in (("seen", "False"), ("held_out", "True")):
+        verdicts = [row["judged_n3"] == "True" for row in table if row["held_out"] == held_out]
+        assert len(verdicts) == 2 and metrics[f"judge_accuracy_{group}_n3"] == pytest.approx(np.mean(verdicts))
+        assert metrics[f"judge_accuracy_{group}_n3_low"] <= metrics[f"judge_accuracy_{group}_n3"]
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test-late-stages").experiment_id
     (run,) = client.search_runs([experiment], "tags.stage = 'evaluate'")
     assert [m.step for m in client.get_metric_history(run.info.run_id, "fid_evalnet_vs_n")] == [1, 2, 3]
+
+
+JUDGED = ("", "_low", "_high")
+
+
+def read_captions(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_two_object_scenes(tmp_path, upstream, trained, mlflow_store):
+    """With data.max_objects 2, evaluate also generates canonical two-object captions and judges the scenes."""
+    params, models = trained
+    raw = yaml.safe_load(params.read_text())
+    raw["mlflow"]["experiment"] = "test-two-object-eval"
+    raw["data"].update(max_objects=2, n_test=32)  # 16 px holds two small shapes apart; ~16 two-object test images
+    raw["eval"].update(rerank_n=[1, 3], blur_radii=[0])  # fewer bootstrapped FIDs: they are not what is checked
+    two_params = tmp_path / "params.yaml"
+    two_params.write_text(yaml.safe_dump(raw))
+    prepare.main(["--params", str(two_params), "--out", str(tmp_path / "prepared")])
+    # The models are the single-object ones: what is checked here is the two-object caption set and its judging.
+    # The prior's NLL is read from the upstream test tokens, which these images were never encoded into.
+    evaluate.main(
+        ["--params", str(two_params), "--prepared", str(tmp_path / "prepared"), "--tokens", str(upstream / "tokens")]
+        + ["--models", str(models), "--reports", str(tmp_path / "eval")]
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["two_object_captions_seen"] == metrics["two_object_captions_held_out"] == 2
+    keys = [f"two_object_exact_{g}_n{n}" for g in ("seen", "held_out") for n in (1, 3)]
+    keys += [f"two_object_{part}_{g}_n3" for part in ("relation", "objects") for g in ("seen", "held_out")]
+    for key in keys:
+        assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+        assert 0 <= metrics[f"{key}_low"] < metrics[f"{key}_high"] <= 1, key
+    assert "two_object_relation_seen_n1" not in metrics  # parts at the headline N only
+    assert {"judge_accuracy_seen_n1", "accuracy_seen_n3"} <= set(metrics)  # the single-object evaluation is intact
+
+    test_records = load_split(tmp_path / "prepared", "test").records
+    table = [row for row in read_captions(tmp_path / "eval" / "sheets" / "captions.csv") if row["objects"] == "2"]
+    held = {tuple(pair) for pair in raw["data"]["holdout_pairs"]}
+    chosen = test_records.iloc[evaluate.two_object_rows(test_records, 4, held)].to_dict("records")
+    assert [row["caption"] for row in table] == [
+        canonical_relation_caption(*(r[k] for k in RELATION_FIELDS)) for r in chosen
+    ]
+    assert [r["n_objects"] for r in chosen] == [2] * 4
+    assert [str(r["held_out"]) for r in chosen] == [row["held_out"] for row in table] == ["False"] * 2 + ["True"] * 2
+    assert [(r["colour"], r["shape"]) in held for r in chosen[2:]] == [True, False], "held out in either object"
+    for group, held_out in (("seen", "False"), ("held_out", "True")):
+        verdicts = [row["judged_n3"] == "True" for row in table if row["held_out"] == held_out]
+        assert metrics[f"two_object_exact_{group}_n3"] == pytest.approx(np.mean(verdicts))
+    sheets = {p.name for p in (tmp_path / "eval" / "sheets").iterdir()}
+    assert {"two_object_n1.png", "two_object_n3.png", "sheet_n3.png"} <= sheets
+
+
+RELATION_FIELDS = ("size", "colour", "shape", "relation", "size2", "colour2", "shape2")
 
 
 def test_ablation_runs_are_children_of_one_parent(tmp_path, upstream, trained, mlflow_store):
@@ -322,3 +394,64 @@ def test_ablation_runs_are_children_of_one_parent(tmp_path, upstream, trained, m
     assert parent.info.status == "FINISHED" and "paper.test_image_bits" in parent.data.metrics
     with pytest.raises(ValueError, match="not in ablation.schedules"):
         ablate.main([*common, "--schedule", "column", "--models", str(models), "--reports", str(runs_dir)])
+
+
+def test_ablation_study_compares_each_schedule_with_full_over_seeds(tmp_path, upstream, trained, mlflow_store):
+    params, models = trained
+    raw = yaml.safe_load(params.read_text())
+    raw["ablation"].update(schedules=["full", "row"], study_steps=3, study_captions=8, study_seeds=[0, 1])
+    study_params = tmp_path / "params.yaml"
+    study_params.write_text(yaml.safe_dump(raw))
+    common = ["--params", str(study_params), "--prepared", str(upstream / "prepared")]
+    common += ["--tokens", str(upstream / "tokens"), "--models", str(models), "--study"]
+    runs_dir, checkpoints = tmp_path / "study" / "runs", tmp_path / "ck"
+    for schedule in ("full", "row"):
+        for seed in (0, 1):
+            ablate.main(
+                [*common, "--schedule", schedule, "--seed", str(seed), "--reports", str(runs_dir)]
+                + ["--checkpoints", str(checkpoints)]
+            )
+    assert sorted(p.name for p in runs_dir.iterdir()) == [f"{s}-seed{n}" for s in ("full", "row") for n in (0, 1)]
+    run = runs_dir / "row-seed1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["seed"], metrics["steps"], metrics["captions"]) == (1, 3, 8)
+    # The per-image NLLs are the ones whose mean the stage reports, with a t-interval around it.
+    bits = np.load(run / "test_image_bits.npy")
+    assert bits.shape == (8,) and float(bits.mean()) == pytest.approx(metrics["test_image_bits"], rel=1e-5)
+    assert metrics["test_image_bits_low"] < metrics["test_image_bits"] < metrics["test_image_bits_high"]
+    assert np.load(run / "features.npy").shape == np.load(run / "real_features.npy").shape == (8, 64)
+    with (run / "captions.csv").open() as handle:
+        captions = list(csv.DictReader(handle))
+    assert len(captions) == 8 and sum(row["held_out"] == "True" for row in captions) == 4
+    assert np.mean([row["correct_all"] == "True" for row in captions if row["held_out"] == "False"]) == pytest.approx(
+        metrics["accuracy_all_seen"]
+    )
+    with pytest.raises(ValueError, match=r"--seed 2 is not in ablation.study_seeds \[0, 1\]"):
+        ablate.main([*common, "--schedule", "row", "--seed", "2"])
+
+    ablation_study.main(["--params", str(study_params), "--runs", str(runs_dir), "--out", str(tmp_path / "study")])
+    with (tmp_path / "study" / "summary.csv").open() as handle:
+        summary = {row["schedule"]: row for row in csv.DictReader(handle)}
+    assert list(summary) == ["full", "row"]
+    assert summary["row"]["accuracy_seen_n"] == "8" and summary["row"]["fid_generated_images"] == "16"
+    with (tmp_path / "study" / "differences.csv").open() as handle:
+        diffs = {row["measure"]: row for row in csv.DictReader(handle)}
+    assert list(diffs) == ["accuracy_seen", "accuracy_held_out", "fid", "test_image_bits"]
+    for measure, row in diffs.items():  # paired differences: the difference of the two pooled values
+        expected = float(summary["row"][measure]) - float(summary["full"][measure])
+        assert float(row["difference"]) == pytest.approx(expected, abs=1e-6), measure
+        assert float(row["low"]) <= float(row["difference"]) <= float(row["high"]), measure
+        assert row["verdict"] == ablation_study.verdict(float(row["low"]), float(row["high"]), TIE[measure])
+    flat = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert flat["row_minus_full.fid"] == pytest.approx(float(diffs["fid"]["difference"]))
+    assert (tmp_path / "study" / "summary.png").is_file()
+
+
+TIE = ablation_study.TIE_MARGIN
+
+
+def test_verdict_names_differences_ties_and_the_rest():
+    assert ablation_study.verdict(0.01, 0.2, 0.05) == "difference"
+    assert ablation_study.verdict(-0.3, -0.01, 0.05) == "difference"
+    assert ablation_study.verdict(-0.04, 0.05, 0.05) == "tie"
+    assert ablation_study.verdict(-0.08, 0.03, 0.05) == "inconclusive"

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from dalle.fid import frechet_distance
-from dalle.intervals import bootstrap_fid, error_bars, fid_from_moments, resamples_for, wilson
+from dalle.intervals import (
+    bootstrap_fid,
+    bootstrap_fid_difference,
+    error_bars,
+    fid_from_moments,
+    mean_interval,
+    resamples_for,
+    wilson,
+)
 
 
 def test_wilson_matches_the_closed_form():
@@ -66,3 +74,31 @@ def test_bootstrap_width_matches_the_spread_of_fid_over_fresh_images():
 def test_error_bars_are_the_distances_to_each_bound():
     rows = [{"a": 0.5, "a_low": 0.4, "a_high": 0.7}, {"a": 2.0, "a_low": 1.0, "a_high": 2.5}]
     np.testing.assert_allclose(error_bars(rows, "a"), [[0.1, 1.0], [0.2, 0.5]])
+
+
+def test_mean_interval_is_the_t_interval_written_out():
+    values = np.array([2.0, 3.5, 1.0, 4.0, 2.5, 3.0])
+    n, mean = len(values), values.mean()
+    half = 2.570581835636314 * values.std(ddof=1) / np.sqrt(n)  # t(0.975, 5)
+    assert mean_interval(values) == pytest.approx((mean - half, mean + half), abs=1e-12)
+    assert mean_interval(np.array([1.0, 1.0, 1.0])) == (1.0, 1.0)  # no spread: a point
+    with pytest.raises(ValueError, match="at least 2 values"):
+        mean_interval(np.array([1.0]))
+
+
+def test_fid_difference_of_paired_sets():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(300, 4))
+    a = rng.normal(size=(200, 4))
+    # The same set: no difference, in every resample.
+    assert bootstrap_fid_difference(real, a, a, 50) == (0.0, 0.0, 0.0)
+    # A shifted copy: the estimate is the difference of the two FIDs, and the interval excludes 0.
+    shifted = a + 0.5
+    estimate, low, high = bootstrap_fid_difference(real, shifted, a, 200, seed=1)
+    assert estimate == pytest.approx(frechet_distance(real, shifted) - frechet_distance(real, a), abs=1e-9)
+    assert 0 < low <= estimate <= high
+    # Another draw of the same distribution: no difference shown.
+    estimate, low, high = bootstrap_fid_difference(real, rng.normal(size=(200, 4)), a, 200, seed=1)
+    assert low < 0 < high
+    with pytest.raises(ValueError, match="same shape"):
+        bootstrap_fid_difference(real, a, a[:100], 50)

@@ -114,6 +114,27 @@ def canonical_caption(size: str, colour: str, shape: str, position: str) -> str:
     return TEMPLATES[0].format(size=size, colour=colour, shape=shape, position=position)
 
 
+def canonical_relation_caption(
+    size: str, colour: str, shape: str, relation: str, size2: str, colour2: str, shape2: str
+) -> str:
+    """``a {size} {colour} {shape} {relation} a {size2} {colour2} {shape2}``: the two-object caption every
+    evaluation can rely on; ``relation`` says where the first object is relative to the second."""
+    for value, known in (
+        (size, SIZES),
+        (colour, COLOURS),
+        (shape, SHAPES),
+        (relation, RELATIONS),
+        (size2, SIZES),
+        (colour2, COLOURS),
+        (shape2, SHAPES),
+    ):
+        if value not in known:
+            raise ValueError(f"unknown name {value!r}; expected one of: {', '.join(known)}")
+    return RELATION_TEMPLATES[1].format(
+        size=size, colour=colour, shape=shape, relation=relation, size2=size2, colour2=colour2, shape2=shape2
+    )
+
+
 def _centre(rng: np.random.Generator, cell: int, before: float, after: float) -> float:
     """One coordinate (canvas fraction) of an object's centre in grid row/column ``cell``.
 
