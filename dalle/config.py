@@ -659,6 +659,22 @@ def _yaml_note(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class RegisterConfig:
+    """The ``register`` stage: the text-to-image model logged as an MLflow pyfunc and registered under a name."""
+
+    model_name: str = "dalle-workbench"
+
+    def __post_init__(self):
+        name = self.model_name
+        _check(bool(name.strip()), "model_name", "must be a non-empty registered model name")
+        _check(
+            name == name.strip() and not any(c in name for c in "/:%"),
+            "model_name",
+            f"{name!r} cannot be part of a models:/<name>/<version> URI (no '/', ':', '%' or edge spaces)",
+        )
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 0
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -675,6 +691,7 @@ class Params:
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self):
         _check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")

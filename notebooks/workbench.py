@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import mlflow  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipelines.params import load_params  # noqa: E402
+from pipelines.pipeline_runs import PIPELINE  # noqa: E402
 from pipelines.tracking import tracking_uri  # noqa: E402
 
 PARAMS = load_params(ROOT / "params.yaml")
@@ -50,3 +53,58 @@ def history(run_id: str, *keys: str) -> pd.DataFrame:
     client = mlflow.MlflowClient(tracking_uri())
     columns = {key: pd.Series({m.step: m.value for m in client.get_metric_history(run_id, key)}) for key in keys}
     return pd.DataFrame(columns).sort_index()
+
+
+def pipeline_runs() -> pd.DataFrame:
+    """The pipeline executions (``dvc repro``, ``dvc exp run``: MLflow parent runs tagged stage=pipeline) in the
+    params' experiment, oldest first, with their params and headline metrics."""
+    mlflow.set_tracking_uri(tracking_uri())
+    runs = mlflow.search_runs(
+        experiment_names=[PARAMS.mlflow.experiment],
+        filter_string=f"tags.stage = '{PIPELINE}'",
+        order_by=["attributes.start_time ASC"],
+    )
+    if runs.empty:
+        raise Missing(f"Run `make repro` first: no pipeline run (MLflow tag stage={PIPELINE}) in {tracking_uri()}.")
+    return runs.reset_index(drop=True)
+
+
+def stage_run(parent_id: str, stage: str) -> pd.Series | None:
+    """The run of ``stage`` nested in a pipeline execution's run; None when DVC skipped the stage that time."""
+    runs = mlflow.search_runs(
+        experiment_names=[PARAMS.mlflow.experiment],
+        filter_string=f"tags.pipeline_run_id = '{parent_id}' and tags.stage = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return None if runs.empty else runs.iloc[0]
+
+
+def dvc_experiments(commits: int = 10) -> pd.DataFrame:
+    """``dvc exp show --json`` for the last ``commits`` commits as a table: one row per commit and per experiment
+    (name, rev, baseline commit, timestamp). Empty when DVC is missing or fails: the MLflow runs stand alone."""
+    columns = ["name", "rev", "baseline", "timestamp", "kind"]
+    try:
+        shown = subprocess.run(
+            [sys.executable, "-m", "dvc", "exp", "show", "--json", "--num", str(commits)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        rows = []
+    table = []
+    for commit in rows:
+        if commit.get("rev") == "workspace":
+            continue
+        timestamp = (commit.get("data") or {}).get("timestamp")
+        table.append((commit.get("name"), commit["rev"], commit["rev"], timestamp, "commit"))
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                stamp = (rev.get("data") or {}).get("timestamp")
+                table.append(
+                    (rev.get("name") or experiment.get("name"), rev["rev"], commit["rev"], stamp, "experiment")
+                )
+    return pd.DataFrame(table, columns=columns)

@@ -6,6 +6,13 @@ the evaluation instrument reads (caption accuracy seen / held-out on shapes, the
 without attribute labels), test NLL, training tokens/s and peak memory. Writes
 ``reports/ablation/<schedule>/metrics.json``; MLflow gets one child run per schedule under one parent run per
 ablation (found by a key of the params it shares), which ``ablation_summary`` completes.
+
+The default pipeline's ablation is a smoke test (``ablation.steps``: 60, too few for any schedule to draw shapes).
+``--study --seed N`` is one run of the study in ``pipelines/ablation/dvc.yaml``: ``ablation.study_steps`` steps and
+``ablation.study_captions`` captions, into ``reports/ablation_study/runs/<schedule>-seed<N>/``, which also gets each
+caption's judgement (``captions.csv``), the samples' and the test images' features (``features.npy``,
+``real_features.npy``) and each test image's NLL
+(``test_image_bits.npy``) for ``ablation_study``'s paired comparisons.
 """
 
 from __future__ import annotations
@@ -18,16 +25,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from dalle.clip_metrics import CaptionScorer
 from dalle.config import Params
 from dalle.data.store import load_split
 from dalle.data.tokens import load_tokens
-from dalle.evalnet import EvalNet
+from dalle.evalnet import EvalNet, caption_hits
 from dalle.generate import draw_one_each, load_models
+from dalle.intervals import mean_interval
 from dalle.masks import layer_kinds
-from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, train_prior
+from dalle.prior_train import Callbacks, evaluate_prior, geometry_of, image_bits_per_image, train_prior
 from dalle.training import default_device
 from pipelines.evaluate import accuracy_by_group, feature_space, fid_with_interval, group_sizes, with_interval
 from pipelines.params import add_seed_argument, load_params
@@ -62,18 +71,23 @@ def ablation_key(params: Params, fingerprint: str) -> str:
 
 
 def parent_run(params: Params, key: str) -> str:
-    """The MLflow parent run of this ablation: the newest with this key, or a new one."""
+    """The MLflow parent run of this ablation: the newest with this key, or a new one. Under DVC it is the one
+    nested in this pipeline execution's run (``tracking.pipeline_tags``), so each execution shows its ablation."""
+    from pipelines.tracking import _experiment_id, pipeline_tags
+
     uri = tracking_uri()
     check_reachable(uri)  # the child runs' probe comes too late for this one
     client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name(params.mlflow.experiment)
-    runs = client.search_runs(
-        [experiment.experiment_id], f"tags.ablation_key = '{key}' and tags.stage = 'ablation'", max_results=1
-    )
+    experiment_id = _experiment_id(params.mlflow.experiment, uri)
+    nesting = pipeline_tags(params)  # {} outside DVC
+    query = f"tags.ablation_key = '{key}' and tags.stage = 'ablation'"
+    if nesting:
+        query += f" and tags.pipeline_run_id = '{nesting['pipeline_run_id']}'"
+    runs = client.search_runs([experiment_id], query, max_results=1)
     if runs:
         return runs[0].info.run_id
-    tags = {"stage": "ablation", "ablation_key": key}
-    run = client.create_run(experiment.experiment_id, run_name="ablation", tags=tags)
+    tags = {"stage": "ablation", "ablation_key": key, **nesting}
+    run = client.create_run(experiment_id, run_name="ablation", tags=tags)
     client.log_param(run.info.run_id, "ablation.schedules", ",".join(params.ablation.schedules))
     return run.info.run_id
 
@@ -126,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = checkpoints / f"{name}.pt"
     out = reports / name
     tags = {"mlflow.parentRunId": parent, "ablation_schedule": args.schedule}
-    with training_run(f"ablate@{name}", params, checkpoint, cfg.resume, tags, reports=out) as run:
+    with training_run(
+        f"ablate@{name}", params, checkpoint, cfg.resume, tags, reports=out, datasets=[args.tokens, args.prepared]
+    ) as run:
         kinds = ",".join(layer_kinds(cfg.schedule, cfg.n_layers))  # logged again on a resume: the same values
         log_params({"ablation.schedule": args.schedule, "ablation.layer_kinds": kinds})
         started = time.monotonic()
@@ -153,15 +169,19 @@ def main(argv: list[str] | None = None) -> None:
         sampling_seconds = time.monotonic() - started_sampling
         name, features = feature_space(params.eval.fid_features, params.eval.inception_weights, models, evalnet)
         real = np.asarray(load_split(args.prepared, "test").images)
-        nll = evaluate_prior(result.model, load_tokens(args.tokens, "test"), len(real), device)
+        test_tokens = load_tokens(args.tokens, "test")
+        nll = evaluate_prior(result.model, test_tokens, len(real), device)
+        bits = image_bits_per_image(result.model, test_tokens, len(real), device)
+        generated, real_features = features(images), features(real)
         metrics = {
             "schedule": args.schedule,
             "seed": params.seed,
             "steps": cfg.steps,
             "captions": len(captions),
-            **fid_with_interval(f"fid_{name}", features(real), features(images), params.seed),
+            **fid_with_interval(f"fid_{name}", real_features, generated, params.seed),
             "test_text_nll": nll["val_text_nll"],
             "test_image_bits": nll["val_image_bits"],
+            **dict(zip(("test_image_bits_low", "test_image_bits_high"), mean_interval(bits))),
             "tokens_per_s": float(np.median([row["tokens_per_s"] for row in result.history])),
             "train_seconds_this_run": round(seconds, 1),
             "images_per_s": len(captions) / sampling_seconds,
@@ -172,6 +192,17 @@ def main(argv: list[str] | None = None) -> None:
         sizes = group_sizes(records)
         for group, accuracy in accuracy_by_group(evalnet, images, records).items():
             metrics.update(with_interval(f"accuracy_all_{group}", accuracy["all"], sizes[group]))
+        # What the study's paired comparisons need (same captions and test images for every schedule and seed):
+        # each caption's judgement, the samples' features and each test image's NLL.
+        out.mkdir(parents=True, exist_ok=True)
+        per_caption = {"caption": captions, **({"held_out": records["held_out"]} if "held_out" in records else {})}
+        if evalnet is not None:
+            hits = caption_hits(evalnet, images, records.to_dict("records"))
+            per_caption.update({f"correct_{k}": v for k, v in hits.items()})
+        write_csv(out / "captions.csv", pd.DataFrame(per_caption).to_dict("records"))
+        np.save(out / "features.npy", generated.astype(np.float32))
+        np.save(out / "real_features.npy", real_features.astype(np.float32))
+        np.save(out / "test_image_bits.npy", bits.astype(np.float32))
         if isinstance(evaluator, CaptionScorer):
             metrics["clip_score"] = evaluator.clip_score(images, captions)
         write_json(out / "metrics.json", metrics)

@@ -1,9 +1,11 @@
 """Buffered delivery of one MLflow run's records, so that a tracking server going away never stops a stage.
 
-Records (params, metrics, tags, artifacts, images, the run's end) wait in a bounded queue that a background thread
-delivers oldest first (``RunLogger``). A failed delivery warns once and is retried with back-off; what the server
-has not taken when the stage ends is spilled to ``mlflow_unsent_<run id>.jsonl`` (images as PNG files beside it),
-and ``replay`` delivers that file later (``python -m pipelines.tracking replay FILE``).
+Records (params, metrics, tags, artifacts, images, dataset inputs, the run's end) wait in a bounded queue that a
+background thread delivers oldest first (``RunLogger``); a record with a ``run_id`` goes to that run instead (the
+pipeline's parent run, which a stage ends through its own outbox). A failed delivery warns once and is retried
+with back-off; what the server has not taken when the stage ends is spilled to ``mlflow_unsent_<run id>.jsonl``
+(images as PNG files beside it), and ``replay`` delivers that file later (``python -m pipelines.tracking replay
+FILE``).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import PIL.Image
-from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.multimedia import convert_to_pil_image
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 PROBE_TIMEOUT_S = "10"  # also the limit of each request a stage makes: a down server costs seconds, not minutes
 FLUSH_WAIT_ENV = "DALLE_MLFLOW_FLUSH_WAIT_S"  # seconds a finished stage waits for a down server (default 60)
@@ -71,6 +74,8 @@ def _describe(record: dict) -> str:
     if record["kind"] == "batch":
         keys = [*record.get("params", {}), *record.get("tags", {}), *(row[0] for row in record.get("metrics", ()))]
         return f"params/tags/metrics {', '.join(keys)}"
+    if record["kind"] == "inputs":
+        return f"dataset inputs {', '.join(entry['name'] for entry in record['datasets'])}"
     return f"{record['kind']} {record.get('path') or record.get('artifact_file') or record.get('key')}"
 
 
@@ -93,10 +98,17 @@ def _take(queue: deque[dict], merge: bool = True) -> list[dict]:
     return parts
 
 
+def _dataset_input(entry: dict) -> DatasetInput:
+    fields = ("name", "digest", "source_type", "source", "schema", "profile")
+    dataset = Dataset(**{field: entry.get(field) for field in fields})
+    return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])
+
+
 def _send(client: MlflowClient, run_id: str, parts: list[dict], folder: Path) -> None:
-    """Deliver records (those of ``_take``) to the run; image files are relative to ``folder``."""
+    """Deliver records (those of ``_take``) to the run, or to the run a record names; image files are relative to
+    ``folder``."""
     record = parts[0]
-    kind = record["kind"]
+    kind, run_id = record["kind"], record.get("run_id", run_id)
     if kind == "batch":
         metrics = [Metric(*row) for part in parts for row in part.get("metrics", ())]
         params = [Param(k, v) for k, v in record.get("params", {}).items()]
@@ -109,6 +121,8 @@ def _send(client: MlflowClient, run_id: str, parts: list[dict], folder: Path) ->
     elif kind == "image":
         image = record["image"] if "image" in record else PIL.Image.open(folder / record["file"])
         client.log_image(run_id, image, key=record["key"], step=record["step"], timestamp=record["timestamp"])
+    elif kind == "inputs":
+        client.log_inputs(run_id, [_dataset_input(entry) for entry in record["datasets"]])
     elif kind == "end":
         client.set_terminated(run_id, record["status"], record["end_time"])
     else:
@@ -141,6 +155,7 @@ class RunLogger:
         self._failure: Exception | None = None
         self._merge_after = 0  # records to send one by one after a merged batch was refused
         self._images = 0
+        self.latest: dict[str, float] = {}  # the last value logged of each of this run's metrics
         self._thread = threading.Thread(target=self._deliver, name=f"mlflow {run.info.run_id}", daemon=True)
         self._thread.start()
 
@@ -148,9 +163,15 @@ class RunLogger:
     def run_id(self) -> str:
         return self.info.run_id
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        """Metrics of this run, or of ``run_id`` (the pipeline's run)."""
         now = _now_ms()
-        self._put({"kind": "batch", "metrics": [(k, float(v), now, step or 0) for k, v in metrics.items()]})
+        record: dict = {"kind": "batch", "metrics": [(k, float(v), now, step or 0) for k, v in metrics.items()]}
+        if run_id is None:
+            self.latest.update((k, float(v)) for k, v in metrics.items())
+        else:
+            record["run_id"] = run_id
+        self._put(record)
 
     def log_params(self, params: dict[str, object]) -> None:
         self._put({"kind": "batch", "params": {k: str(v) for k, v in params.items()}})
@@ -169,6 +190,14 @@ class RunLogger:
                 "artifact_file": artifact_file,
             }
         )
+
+    def log_inputs(self, datasets: list[dict], run_id: str | None = None) -> None:
+        """Dataset inputs (``mlflow_inputs.dataset_input`` entries) of this run, or of ``run_id``."""
+        self._put({"kind": "inputs", "datasets": datasets, **({"run_id": run_id} if run_id else {})})
+
+    def end_run(self, run_id: str, status: str) -> None:
+        """End another run (the pipeline's), in order with this run's records."""
+        self._put({"kind": "end", "run_id": run_id, "status": status, "end_time": _now_ms()})
 
     def log_image(self, image, key: str, step: int) -> None:
         image = convert_to_pil_image(image) if not isinstance(image, PIL.Image.Image) else image

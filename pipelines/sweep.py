@@ -9,9 +9,11 @@ stage's validation loss (dVAE: bits/dim; prior: image bits/token), reported four
 (``sweep.pruner``). With ``--objectives loss,seconds`` the study is two-objective (a Pareto front, never pruned).
 Storage: ``sqlite:///<repo>/optuna.db`` by default, any RDB URL (PostgreSQL for many machines; heartbeats let a
 killed worker's trial be failed and retried), or a journal file (``*.log``). The same command on several
-machines with the same storage joins the same study. Writes ``sweeps/<study>/best_params.yaml`` in params.yaml
-form and prints the ``dvc exp run -S ...`` command that applies it. Exits non-zero, with the MLflow parent run
-marked FAILED, when a worker process died or none of this command's trials completed.
+machines with the same storage joins the same study. The study names its objectives (``val_bits_per_dim`` or
+``val_image_bits``, and ``seconds``) and each trial holds its MLflow run's id and address (``mlflow_run_url``), for
+optuna-dashboard. Writes ``sweeps/<study>/best_params.yaml`` in params.yaml form and prints the ``dvc exp run -S ...``
+command that applies it. Exits non-zero, with the MLflow parent run marked FAILED, when a worker process died or
+none of this command's trials completed.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from pipelines.tracking import (  # noqa: E402
     check_reachable,
     repo_root,
     run_tags,
+    run_url,
     tracking_uri,
 )
 from pipelines.train_dvae import MODEL_DIR as DVAE_DIR  # noqa: E402
@@ -151,6 +154,7 @@ def objective(trial: optuna.Trial, args: argparse.Namespace, params: Params, par
     tags = {**run_tags(f"sweep_{args.target}"), "mlflow.parentRunId": parent, "optuna_trial": str(trial.number)}
     with mlflow.start_run(experiment_id=data["experiment_id"], run_name=f"trial {trial.number}", tags=tags) as run:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        trial.set_user_attr("mlflow_run_url", run_url(uri, data["experiment_id"], run.info.run_id))
         mlflow.log_params({f"{args.target}.{k}": v for k, v in values.items()})
         state = "FAILED"
         try:
@@ -262,6 +266,11 @@ def exit_reason(code: int) -> str:
         return f"was killed by signal {-code}"
 
 
+def metric_names(target: str, objectives: list[str]) -> list[str]:
+    """What optuna-dashboard calls each objective instead of "Objective 0": the metric, and ``seconds``."""
+    return [OBJECTIVE[target] if name == "loss" else name for name in objectives]
+
+
 def no_trial_completed(study: optuna.Study, parent: str) -> str | None:
     """Why none of the trials run for the parent run ``parent`` completed, or None when one did."""
     trials = [t for t in study.trials if t.user_attrs.get("mlflow_parent_run_id") == parent]
@@ -338,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         sampler=optuna.samplers.TPESampler(seed=params.seed),
         load_if_exists=True,
     )
+    study.set_metric_names(metric_names(args.target, args.objectives))
     client = MlflowClient(uri)
     experiment_id = _experiment_id(params.mlflow.experiment, uri)
     tags = {**run_tags(f"sweep_{args.target}"), "optuna_study": args.study, "sweep_target": args.target}

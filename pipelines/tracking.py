@@ -9,6 +9,11 @@ Once a run is open, a server outage never stops the stage: records go through a 
 thread delivers (``RunLogger``, in ``pipelines/mlflow_outbox.py``); what is still undelivered when the stage ends
 is written beside its reports and replayed later with ``python -m pipelines.tracking replay FILE``. A run whose
 process was killed (SIGKILL, OOM) is marked KILLED by the next run of its stage on the same host.
+
+Under DVC, the stage runs of one pipeline execution nest in one parent run (``pipelines/pipeline_runs.py``), and a
+training stage logs the directories it reads as dataset inputs (``datasets=``, ``pipelines/mlflow_inputs.py``).
+Experiments are created as classic ML ones, so that the UI opens on their runs: ``python -m pipelines.tracking
+ui-url`` prints the address of the experiment's runs page (``make ui``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,7 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,8 +34,17 @@ from mlflow.tracking.context.registry import resolve_tags
 
 from dalle.config import Params
 from pipelines import mlflow_outbox
+from pipelines.mlflow_inputs import dataset_input
 from pipelines.mlflow_outbox import FLUSH_WAIT_ENV as FLUSH_WAIT_ENV  # re-exported for callers of this module
 from pipelines.mlflow_outbox import UNSENT, RunLogger, _flush_wait, _http_limits
+from pipelines.params import load_params
+from pipelines.pipeline_runs import PIPELINE, mark_killed, open_pipeline_run
+
+# The UI opens an experiment on its training runs only when it is tagged as classic ML (MLflow 3 otherwise shows
+# the GenAI overview); the values are the UI's ``ExperimentKind`` and ``WorkflowType`` enums.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+WORKFLOW_TYPE = "machine_learning"
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where ``make ui`` serves a local store
 
 
 def repo_root(checkout: Path | None = None) -> Path:
@@ -65,11 +78,31 @@ def check_reachable(uri: str) -> None:
 
 
 def _experiment_id(name: str, uri: str) -> str:
+    """The experiment ``name``, created if missing; tagged as classic ML unless someone chose another kind."""
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_artifact_location(uri))
+    if experiment is None:
+        tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        return client.create_experiment(name, artifact_location=_artifact_location(uri), tags=tags)
+    kind = experiment.tags.get(EXPERIMENT_KIND_TAG, "")
+    if kind in ("", "no_inferred_type") or kind.endswith("_inferred"):  # the UI's guesses, not a choice
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def ui_base(uri: str) -> str:
+    """The web address of the UI for a store: the server itself, or ``make ui``'s for a local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else f"http://{UI_HOST}:{UI_PORT}"
+
+
+def runs_url(uri: str, experiment_id: str) -> str:
+    """The experiment's page of training runs (hash routes, as the UI's own links)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW_TYPE}"
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the training layout (without ``workflowType`` MLflow 3 opens it in the GenAI one)."""
+    return f"{ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?workflowType={WORKFLOW_TYPE}"
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -127,40 +160,26 @@ def log_image(image, key: str, step: int) -> None:
     _target().log_image(image, key=key, step=step)
 
 
-def _host_process_gone(tags: dict[str, str]) -> bool:
-    """The run's process ran on this host and has exited (a pid reused since then reads as alive)."""
-    if tags.get("host") != socket.gethostname() or not tags.get("pid", "").isdigit():
-        return False
-    try:
-        os.kill(int(tags["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
-
-
-def _names_run(path: str | None, run_id: str) -> bool:
-    return bool(path) and Path(path).is_file() and Path(path).read_text().strip() == run_id
-
-
 def mark_killed_runs(client: MlflowClient, experiment_id: str, stage: str, keep: str | None = None) -> list[str]:
     """Mark KILLED the RUNNING runs of ``stage`` whose process on this host died without ending them. Runs of
     other hosts or live processes, ``keep``, runs a training checkpoint will continue (their run-id file still
     names them) and runs whose records await a replay are left alone. Returns the ids marked."""
-    query = f"tags.stage = '{stage}' and attributes.status = 'RUNNING' and tags.host = '{socket.gethostname()}'"
-    marked = []
-    for run in client.search_runs([experiment_id], query, max_results=1000):
-        tags, run_id = run.data.tags, run.info.run_id
-        if run_id == keep or not _host_process_gone(tags):
-            continue
-        unsent = Path(tags.get("mlflow_unsent_dir", "/nonexistent")) / UNSENT.format(run_id=run_id)
-        if _names_run(tags.get("mlflow_resume_file"), run_id) or unsent.is_file():
-            continue
-        client.set_terminated(run_id, "KILLED")
-        print(f"MLflow run {run_id} of {stage}: process {tags['pid']} is gone, marked KILLED", file=sys.stderr)
-        marked.append(run_id)
-    return marked
+    return mark_killed(client, experiment_id, f"tags.stage = '{stage}'", keep)
+
+
+def pipeline_tags(params: Params) -> dict[str, str]:
+    """Under DVC, tags nesting a run in this pipeline execution's run and owned by the DVC process (a run that
+    lives across stages, the ablation's parent: marked KILLED if the pipeline is interrupted); else none."""
+    uri = tracking_uri()
+    with _http_limits():
+        client = MlflowClient(uri)
+        pipeline = open_pipeline_run(client, _experiment_id(params.mlflow.experiment, uri), params, _pipeline_tags)
+    return {} if pipeline is None else pipeline.owned_tags()
+
+
+def _pipeline_tags() -> dict[str, str]:
+    """The standard tags of a pipeline execution's run (its host and pid are the DVC process's)."""
+    return resolve_tags({k: v for k, v in run_tags(PIPELINE).items() if k not in ("host", "pid")})
 
 
 def _original_checkout(folder: Path) -> Path:
@@ -179,6 +198,7 @@ def stage_run(
     resume_file: Path | None = None,
     tags: dict[str, str] | None = None,
     reports: Path | None = None,
+    datasets: Sequence[Path] = (),
 ) -> Iterator[RunLogger]:
     """Open the MLflow run of one stage execution, with every param logged and the standard tags set; log
     through the yielded ``RunLogger`` (or ``log_metrics`` / ``log_image``), which survives a server outage.
@@ -188,9 +208,13 @@ def stage_run(
     ``tags`` are added to the standard ones (e.g. ``mlflow.parentRunId`` to nest the run under another).
     Records the server has not taken when the stage ends go to ``reports/mlflow_unsent_<run id>.jsonl``
     (``reports`` defaults to ``reports/<stage>``). Killed earlier runs of the stage are marked KILLED first.
+
+    ``datasets``: the directories the stage reads, logged as the run's dataset inputs (``mlflow_inputs``). Under
+    DVC the run nests in its pipeline execution's run, which it ends (``pipeline_runs``).
     """
     global _active
     _flush_wait()  # a bad DALLE_MLFLOW_FLUSH_WAIT_S fails before the run opens
+    inputs = [dataset_input(params, Path(directory)) for directory in datasets]  # a missing one fails here
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
@@ -199,8 +223,10 @@ def stage_run(
         experiment_id = _experiment_id(params.mlflow.experiment, uri)
         run_id = _resumable_run(resume_file, uri, experiment_id)
         mark_killed_runs(client, experiment_id, stage, keep=run_id)
+        pipeline = open_pipeline_run(client, experiment_id, params, _pipeline_tags)
         folder = _original_checkout(reports if reports is not None else Path("reports") / stage)
-        all_tags = {**run_tags(stage), **(tags or {}), "mlflow_unsent_dir": str(folder)}
+        nesting = {} if pipeline is None else pipeline.child_tags()
+        all_tags = {**run_tags(stage), **nesting, **(tags or {}), "mlflow_unsent_dir": str(folder)}
         if resume_file is not None:
             all_tags["mlflow_resume_file"] = str(resume_file.resolve())
         if run_id is None:
@@ -215,6 +241,10 @@ def stage_run(
         logger = RunLogger(client, uri, run, stage, folder / UNSENT.format(run_id=run.info.run_id))
         if run_id is None:
             logger.log_params(params.flat())
+        if inputs:
+            logger.log_inputs(inputs)
+            if pipeline is not None:
+                logger.log_inputs(inputs, run_id=pipeline.run_id)
         status = "FAILED"
         _active = logger
         try:
@@ -225,6 +255,8 @@ def stage_run(
             raise
         finally:
             _active = None
+            if pipeline is not None:
+                pipeline.end_stage(logger, stage, status)
             logger.close(status)
 
 
@@ -236,6 +268,7 @@ def training_run(
     resume: bool,
     tags: dict[str, str] | None = None,
     reports: Path | None = None,
+    datasets: Sequence[Path] = (),
 ) -> Iterator[RunLogger]:
     """``stage_run`` for a resumable training stage with its checkpoint at ``checkpoint``.
 
@@ -247,7 +280,7 @@ def training_run(
     if not resume:
         remove_checkpoint(checkpoint)
         run_id_file.unlink(missing_ok=True)
-    with stage_run(stage, params, resume_file=run_id_file, tags=tags, reports=reports) as run:
+    with stage_run(stage, params, resume_file=run_id_file, tags=tags, reports=reports, datasets=datasets) as run:
         yield run
     remove_checkpoint(checkpoint)
     run_id_file.unlink(missing_ok=True)
@@ -301,7 +334,16 @@ def main(argv: list[str] | None = None) -> None:
     replayer = commands.add_parser("replay", help="deliver a stage's mlflow_unsent_<run id>.jsonl into its run")
     replayer.add_argument("file", type=Path)
     replayer.add_argument("--tracking-uri", help="the store to deliver to (default: the one the stage used)")
+    lister = commands.add_parser("ui-url", help="the address of the experiment's runs page (created if missing)")
+    lister.add_argument("--tracking-uri", help="the store the UI serves (default: the stages' store)")
+    lister.add_argument("--params", default="params.yaml", help="whose mlflow.experiment to open")
     args = parser.parse_args(argv)
+    if args.command == "ui-url":
+        uri = args.tracking_uri or tracking_uri()
+        check_reachable(uri)
+        experiment = load_params(args.params).mlflow.experiment
+        print(f"MLflow UI, experiment {experiment}: {runs_url(uri, _experiment_id(experiment, uri))}")
+        return
     count = mlflow_outbox.replay(args.file, args.tracking_uri, check=check_reachable)
     print(f"replayed {count} records from {args.file} into their MLflow run; removed the file")
 

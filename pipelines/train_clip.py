@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params, args.seed)
     cfg = params.clip
     data = ContrastiveData.load(params, args.prepared, args.tokens)
-    with training_run("train_clip", params, args.checkpoint, cfg.resume, reports=args.reports) as run:
+    with training_run(
+        "train_clip", params, args.checkpoint, cfg.resume, reports=args.reports, datasets=[args.prepared, args.tokens]
+    ) as run:
         result, seconds = fit(cfg, params.seed, data, args.checkpoint, params.loader)
         model = result.model
         config = {**dataclasses.asdict(cfg), **model_dims(model)}

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     cache = params.data.cache_mb * 2**20  # decoded into memory when a split fits, else read per batch
     train, val = load_split(args.prepared, "train", cache), load_split(args.prepared, "val", cache)
     n_train = training_images(cfg, len(train))  # fails on a bad dvae.train_images before the MLflow run opens
-    with training_run("train_dvae", params, args.checkpoint, cfg.resume, reports=args.reports) as run:
+    with training_run(
+        "train_dvae", params, args.checkpoint, cfg.resume, reports=args.reports, datasets=[args.prepared]
+    ) as run:
         started = time.monotonic()
         result = train_dvae(
             cfg,

@@ -85,7 +85,7 @@ def render_all_pairs(params) -> tuple[np.ndarray, list[dict]]:
 def train_attribute_network(params: Params, args: argparse.Namespace) -> dict[str, float]:
     cfg = params.evalnet
     test = load_split(args.prepared, "test")
-    with stage_run("train_evalnet", params, reports=args.reports):
+    with stage_run("train_evalnet", params, reports=args.reports, datasets=[args.prepared]):
         shutil.rmtree(args.models, ignore_errors=True)
         started = time.monotonic()
         images, records = render_all_pairs(params)
@@ -112,7 +112,14 @@ def train_caption_scorer(params: Params, args: argparse.Namespace) -> dict[str, 
     cfg, seed = params.clip, params.data.seed + EVALNET_SEED_OFFSET
     data = ContrastiveData.load(params, args.prepared, args.tokens)
     test = load_split(args.prepared, "test", params.data.cache_mb * 2**20)
-    with training_run("train_evalnet", params, args.checkpoint, cfg.resume, reports=args.reports):
+    with training_run(
+        "train_evalnet",
+        params,
+        args.checkpoint,
+        cfg.resume,
+        reports=args.reports,
+        datasets=[args.prepared, args.tokens],
+    ):
         shutil.rmtree(args.models, ignore_errors=True)
         result, seconds = fit(cfg, seed, data, args.checkpoint, params.loader)
         model = result.model

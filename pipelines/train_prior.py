@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     captions, ids, lengths = sample_captions(args.prepared, args.tokens, cfg.samples)
     callbacks = MlflowCallbacks(dvae, captions, args.reports / "samples.png")
     run_context = (
-        training_run("train_prior", params, args.checkpoint, cfg.resume, reports=args.reports)
+        training_run("train_prior", params, args.checkpoint, cfg.resume, reports=args.reports, datasets=[args.tokens])
         if rank == 0
         else nullcontext()
     )

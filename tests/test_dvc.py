@@ -91,7 +91,9 @@ def tiny_repo(root: Path, experiment: str, **data) -> Path:
     raw["sample"].update(n_captions=2, candidates=2, batch_size=2)
     raw["evalnet"].update(n_images=32, steps=2, batch_size=8)
     raw["eval"].update(n_captions=4, rerank_n=[1, 2])
-    raw["ablation"].update(schedules=["paper", "row"], steps=2, n_captions=4)
+    raw["ablation"].update(schedules=["full", "row"], steps=2, n_captions=4)
+    raw["ablation"].update(study_steps=2, study_captions=4, study_seeds=[0, 1])
+    raw["seeds"]["extra"] = [1]
     raw["bench"].update(
         warmup=0,
         repeats=1,
@@ -129,7 +131,8 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
         "sample",
         "train_evalnet",
         "evaluate",
-        "ablate@paper",
+        "register",
+        "ablate@full",
         "ablate@row",
         "ablation_summary",
     }
@@ -140,13 +143,27 @@ def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     assert json.loads((repo_copy / "reports/prior/metrics.json").read_text())["steps"] == 4
     assert (repo_copy / "reports/samples/manifest.csv").is_file()
     assert "seen_all_n2" in json.loads((repo_copy / "reports/sample/metrics.json").read_text())
-    assert "fid_evalnet" in json.loads((repo_copy / "reports/eval/metrics.json").read_text())
+    evaluation = json.loads((repo_copy / "reports/eval/metrics.json").read_text())
+    assert "fid_evalnet" in evaluation
+    registered = json.loads((repo_copy / "reports/register/metrics.json").read_text())
+    version = MlflowClient(mlflow_store).get_model_version("dalle-workbench", str(registered["version"]))
+    assert version.tags["fid_evalnet"] == f"{evaluation['fid_evalnet']:g}"  # registered with the evaluation's FID
     assert (repo_copy / "reports/ablation/summary.csv").read_text().count("\n") == 3  # header + 2 schedules
     assert not (repo_copy / "reports/bench").exists()  # the benchmark is not part of the default repro
     run([sys.executable, "-m", "dvc", "repro", "pipelines/bench/dvc.yaml"], repo_copy)
     bench = json.loads((repo_copy / "reports/bench/results.json").read_text())
     assert set(bench["prior_training"]) == {"grid4_paper_dense"}
     assert "## Sampling" in (repo_copy / "reports/bench/results.md").read_text()
+    # The on-demand pipelines: a chain per extra training seed with its summary, and the ablation study.
+    run([sys.executable, "-m", "dvc", "repro", "pipelines/seeds/dvc.yaml"], repo_copy)
+    seeds = json.loads((repo_copy / "reports/seeds_summary/summary.json").read_text())
+    assert seeds["seeds"] == 2 and seeds["fid_seed0"] == evaluation["fid_evalnet"]
+    seed1 = json.loads((repo_copy / "reports/seeds/seed1/eval/metrics.json").read_text())
+    assert seeds["fid_seed1"] == seed1["fid_evalnet"] and (repo_copy / "models/seeds/seed1/prior").is_dir()
+    run([sys.executable, "-m", "dvc", "repro", "pipelines/ablation/dvc.yaml"], repo_copy)
+    differences = (repo_copy / "reports/ablation_study/differences.csv").read_text().splitlines()
+    assert len(differences) == 1 + 4 and all(line.startswith("row,") for line in differences[1:])
+    assert json.loads((repo_copy / "reports/ablation_study/runs/row-seed1/metrics.json").read_text())["seed"] == 1
     status = run([sys.executable, "-m", "dvc", "status"], repo_copy)
     assert "up to date" in status
 
@@ -177,6 +194,7 @@ def test_notebooks_are_paired_and_stripped():
         "02_prior_and_samples",
         "03_evaluation_and_ablation",
         "04_sweeps",
+        "05_compare_experiments",
     ]
     for source in NOTEBOOKS:
         paired = jupytext.read(source.with_suffix(".ipynb"))

@@ -41,6 +41,8 @@ def check_outputs(root: Path, layout: str) -> dict:
     assert (root / "reports/eval/sheets/sheet_n1.png").is_file()
     assert (root / "reports/eval/accuracy_by_attribute.csv").read_text().count("\n") == 1  # header only
     assert (root / "reports/ablation/summary.csv").read_text().count("\n") == 3  # header + 2 schedules
+    registered = json.loads((root / "reports/register/metrics.json").read_text())
+    assert registered["model_uri"] == f"models:/dalle-workbench/{registered['version']}"
     return evaluate
 
 

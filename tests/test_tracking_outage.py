@@ -23,7 +23,7 @@ from test_tracking import assert_fails_at_start, free_port
 
 from dalle.checkpoint import load_checkpoint
 from dalle.config import MlflowConfig, Params
-from pipelines import mlflow_outbox, prepare, tracking, train_dvae
+from pipelines import mlflow_inputs, mlflow_outbox, prepare, tracking, train_dvae
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,37 @@ def test_a_killed_stage_run_is_marked_killed_by_the_next(tmp_path, mlflow_store)
     assert status == {killed: "KILLED", run.info.run_id: "FINISHED"}
     for untouched in (live, elsewhere, paused):
         assert client.get_run(untouched.info.run_id).info.status == "RUNNING"
+
+
+def test_dataset_inputs_and_records_for_the_pipeline_run_spill_and_replay(tmp_path, mlflow_store, monkeypatch):
+    monkeypatch.setenv(tracking.FLUSH_WAIT_ENV, "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = MlflowClient(mlflow_store)
+    experiment_id = tracking._experiment_id("test-spill-inputs", mlflow_store)
+    pipeline = store.create_run(experiment_id).info.run_id
+    run = store.create_run(experiment_id, tags={"mlflow.parentRunId": pipeline})
+    data = tmp_path / "data"
+    (data / "shard").mkdir(parents=True)
+    (data / "shard" / "a.bin").write_bytes(b"abc")
+    entry = mlflow_inputs.dataset_input(Params(), data)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: every delivery fails
+    unsent = tmp_path / "mlflow_unsent.jsonl"
+    logger = tracking.RunLogger(MlflowClient(down), down, run, "spill", unsent)
+    logger.log_inputs([entry])
+    logger.log_inputs([entry], run_id=pipeline)
+    logger.log_metrics({"val_psnr": 30.0}, step=4)
+    logger.log_metrics({"val_psnr": 31.0}, step=8)
+    logger.log_metrics({"val_psnr": 31.0}, run_id=pipeline)
+    logger.end_run(pipeline, "FAILED")
+    assert logger.latest == {"val_psnr": 31.0}  # this run's own metrics only, the last value of each
+    with pytest.warns(UserWarning, match=f"python -m pipelines.tracking replay {unsent}"):
+        logger.close("FINISHED")
+    assert [json.loads(line)["kind"] for line in unsent.read_text().splitlines()][1:3] == ["inputs", "inputs"]
+
+    tracking.main(["replay", str(unsent), "--tracking-uri", mlflow_store])
+    for run_id, status in ((run.info.run_id, "FINISHED"), (pipeline, "FAILED")):
+        replayed = store.get_run(run_id)
+        (dataset,) = [d.dataset for d in replayed.inputs.dataset_inputs]
+        assert (dataset.name, dataset.digest) == (data.as_posix(), mlflow_inputs.directory_md5(data))
+        assert replayed.data.metrics == {"val_psnr": 31.0} and replayed.info.status == status
+    assert [m.step for m in store.get_metric_history(run.info.run_id, "val_psnr")] == [4, 8]
