@@ -30,16 +30,18 @@ from pipelines.tracking import log_artifact, log_metrics, stage_run  # noqa: E40
 
 OUT = Path("reports/seeds_summary")
 SEEDS_DIR = Path("reports/seeds")  # seed N of seeds.extra: reports/seeds/seed<N>/{eval,dvae,...}
-# (report folder, metric): the README's headline numbers. The FID key is found at run time (fid_<feature space>).
+# (report folder, metric): the README's headline numbers; {n} is the evaluation's headline N (``headline_n``), and
+# the FID key is found at run time (fid_<feature space>). Metrics a dataset cannot give (no attribute labels) are
+# left out.
 HEADLINE = (
     ("eval", "accuracy_seen_n1"),
     ("eval", "accuracy_held_out_n1"),
-    ("eval", "accuracy_seen_n16"),
-    ("eval", "accuracy_held_out_n16"),
+    ("eval", "accuracy_seen_n{n}"),
+    ("eval", "accuracy_held_out_n{n}"),
     ("eval", "judge_accuracy_seen_n1"),  # the pixel-rule judge on canonical captions: what the targets read
     ("eval", "judge_accuracy_held_out_n1"),
-    ("eval", "judge_accuracy_seen_n16"),
-    ("eval", "judge_accuracy_held_out_n16"),
+    ("eval", "judge_accuracy_seen_n{n}"),
+    ("eval", "judge_accuracy_held_out_n{n}"),
     ("eval", "fid"),
     ("eval", "fid_reconstruction"),
     ("eval", "test_image_bits"),
@@ -59,30 +61,42 @@ def seed_reports(default_reports: Path, seeds_dir: Path, seed: int, extra: tuple
 def read_seed(root: Path) -> dict[str, float]:
     """One seed's headline metrics with their ``_low``/``_high`` bounds where it has them."""
     values: dict[str, float] = {}
-    for folder, key in HEADLINE:
+    for folder, name in HEADLINE:
         path = root / folder / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found; run that seed's chain first (dvc repro pipelines/seeds/dvc.yaml)"
             )
         metrics = json.loads(path.read_text())
+        key = name.format(n=metrics.get("headline_n"))
         if key.startswith("fid"):  # fid_<space> and fid_<space>_reconstruction
             space = next(k for k in metrics if k.startswith("fid_") and k.count("_") == 1)
             source = space if key == "fid" else f"{space}_reconstruction"
         else:
             source = key
-        if source not in metrics:
-            raise KeyError(f"{path} has no {source!r}")
+        if metrics.get(source) is None:  # a measure this dataset does not give
+            continue
         for suffix in ("", "_low", "_high"):
             if f"{source}{suffix}" in metrics and metrics[f"{source}{suffix}"] is not None:
                 values[f"{key}{suffix}"] = float(metrics[f"{source}{suffix}"])
     return values
 
 
+def headline_keys(per_seed: dict[int, dict[str, float]]) -> list[str]:
+    """The metrics every seed has (the same for all, or the seeds were evaluated differently)."""
+    keys = [[k for k in row if not k.endswith(("_low", "_high"))] for row in per_seed.values()]
+    for seed, row_keys in zip(per_seed, keys):
+        if row_keys != keys[0]:
+            raise ValueError(
+                f"seed {seed} has the headline metrics {row_keys}, another seed {keys[0]}: evaluate them alike"
+            )
+    return keys[0]
+
+
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     """Mean, sd (sample, over seeds; 0 for one seed), min, max and every seed's value and interval, flat."""
     out: dict[str, float] = {"seeds": len(per_seed)}
-    for _, key in HEADLINE:
+    for key in headline_keys(per_seed):
         values = [row[key] for row in per_seed.values()]
         out[key] = statistics.fmean(values)
         out[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -95,7 +109,7 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
 
 
 def plot(per_seed: dict[int, dict[str, float]], summary: dict[str, float], path: Path) -> None:
-    keys = [key for _, key in HEADLINE]
+    keys = headline_keys(per_seed)
     fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(2.6 * ((len(keys) + 1) // 2), 6.0))
     seeds = list(per_seed)
     for ax, key in zip(axes.flat, keys):
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run("seeds_summary", params, reports=args.out):
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "summary.json", summary)
-        keys = [key for _, key in HEADLINE]
+        keys = headline_keys(per_seed)
         rows = [{"seed": seed, **row} for seed, row in per_seed.items()]
         rows += [
             {"seed": "mean", **{k: summary[k] for k in keys}},
@@ -153,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         log_artifact(str(args.out / "summary.png"))
     print(
         f"{len(per_seed)} seeds {list(per_seed)}: "
-        + ", ".join(f"{k} {summary[k]:.3g} ± {summary[f'{k}_sd']:.2g}" for _, k in HEADLINE)
+        + ", ".join(f"{k} {summary[k]:.3g} ± {summary[f'{k}_sd']:.2g}" for k in headline_keys(per_seed))
     )
 
 

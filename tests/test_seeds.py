@@ -47,7 +47,7 @@ def write_seed(root: Path, seed: int) -> dict[str, float]:
         "fid_evalnet_reconstruction": 30.0,
         "test_image_bits": 1.0 + seed / 10,
     }
-    metrics = {"fid_feature_dim": 64, **values}
+    metrics = {"fid_feature_dim": 64, "headline_n": 16, **values}
     for key, value in values.items():
         if key != "test_image_bits":
             metrics |= {f"{key}_low": value - 0.05, f"{key}_high": value + 0.05}
