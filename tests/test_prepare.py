@@ -61,8 +61,9 @@ def test_prepare_writes_every_output(tmp_path):
 def test_same_seed_gives_identical_bytes_other_seed_differs(tmp_path):
     prepare_dataset(TINY, tmp_path / "a")
     prepare_dataset(TINY, tmp_path / "b")
-    prepare_dataset(dataclasses.replace(TINY, seed=4), tmp_path / "c")
-    assert files(tmp_path / "a") == files(tmp_path / "b")
+    prepare_dataset(dataclasses.replace(TINY, data=dataclasses.replace(TINY.data, seed=4)), tmp_path / "c")
+    prepare_dataset(dataclasses.replace(TINY, seed=4), tmp_path / "d")  # the training seed: the same data
+    assert files(tmp_path / "a") == files(tmp_path / "b") == files(tmp_path / "d")
     assert files(tmp_path / "a")["train/shard-00000.tar"] != files(tmp_path / "c")["train/shard-00000.tar"]
 
 

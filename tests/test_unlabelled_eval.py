@@ -163,7 +163,7 @@ def test_evaluate_metrics_without_labels(pipeline, mlflow_store):
     for name in ("accuracy_by_attribute.png", "fid_vs_n.png", "fid_vs_blur.png", "fid_vs_blur.csv"):
         assert (out / name).is_file(), name
     sheets = sorted(p.name for p in (out / "sheets").iterdir())
-    assert sheets == ["sheet_n1.png", "sheet_n2.png", "sheet_n3.png"]
+    assert sheets == ["captions.csv", "sheet_n1.png", "sheet_n2.png", "sheet_n3.png"]
     assert Image.open(out / "sheets" / "sheet_n3.png").width == 4 * 128  # sheet_captions=4, one row
 
     client = MlflowClient(mlflow_store)
@@ -188,6 +188,8 @@ def test_ablation_without_labels(pipeline):
         "fid_reranker_high",
         "clip_score",
         "test_image_bits",
+        "test_image_bits_low",
+        "test_image_bits_high",
         "test_text_nll",
         "tokens_per_s",
         "peak_memory_mb",
