@@ -117,6 +117,25 @@ def tiny_repo(root: Path, experiment: str, **data) -> Path:
     return root
 
 
+def stage_repo(root: Path, experiment: str, dvc_yaml: dict, script: str, files: dict[str, str] | None = None) -> Path:
+    """A committed git + DVC repository in ``root`` with the workbench's params.yaml (``experiment``, n_train=10), the
+    stages ``dvc_yaml`` running ``stage.py`` = ``script``, and ``files`` (relative path -> text)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["mlflow"]["experiment"] = experiment
+    raw["data"]["n_train"] = 10
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (root / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    (root / "stage.py").write_text(script)
+    for name, text in (files or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-qm", "stages"], root)
+    return root
+
+
 def test_dvc_repro_then_exp_run_with_override(repo_copy, mlflow_store):
     run([sys.executable, "-m", "dvc", "repro"], repo_copy)
     stats = json.loads((repo_copy / "data/prepared/stats.json").read_text())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_dvc import REPO, run
+from test_dvc import REPO, run, stage_repo
 
 from pipelines import mlflow_inputs, tracking
 
@@ -81,21 +81,8 @@ STAGES = ("make_data", "train_dvae", "evaluate", "ablate@paper")
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git + DVC repository with the stages above and the workbench's params.yaml, committed."""
-    root = tmp_path_factory.mktemp("pipeline")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["mlflow"]["experiment"] = EXPERIMENT
-    raw["data"]["n_train"] = 10
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
-    (root / "stage.py").write_text(STAGE_SCRIPT)
-    (root / "data/raw/nested").mkdir(parents=True)
-    (root / "data/raw/x.txt").write_text("x\n")
-    (root / "data/raw/nested/y.txt").write_text("y\n")
-    run(["git", "init", "-q"], root)
-    run([sys.executable, "-m", "dvc", "init", "-q"], root)
-    run(["git", "add", "-A"], root)
-    run(["git", "commit", "-qm", "stages"], root)
-    return root
+    files = {"data/raw/x.txt": "x\n", "data/raw/nested/y.txt": "y\n"}
+    return stage_repo(tmp_path_factory.mktemp("pipeline"), EXPERIMENT, DVC_YAML, STAGE_SCRIPT, files)
 
 
 @pytest.fixture(autouse=True)

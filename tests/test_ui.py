@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_dvc import REPO, run
+from test_dvc import REPO, run, stage_repo
 
 from pipelines import chromium, ui_check
 
@@ -58,19 +58,9 @@ DVC_YAML = {
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, mlflow_store) -> dict[str, object]:
     """The pipeline runs of a ``dvc repro`` (n_train=10) and a ``dvc exp run`` (n_train=12), by n_train."""
-    root = tmp_path_factory.mktemp("ui-repo")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["mlflow"]["experiment"] = EXPERIMENT
-    raw["data"]["n_train"] = 10
-    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    (root / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
-    (root / "stage.py").write_text(STAGE_SCRIPT)
+    root = stage_repo(tmp_path_factory.mktemp("ui-repo"), EXPERIMENT, DVC_YAML, STAGE_SCRIPT)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(REPO))  # the stages import the workbench
-        run(["git", "init", "-q"], root)
-        run([sys.executable, "-m", "dvc", "init", "-q"], root)
-        run(["git", "add", "-A"], root)
-        run(["git", "commit", "-qm", "stages"], root)
         run([sys.executable, "-m", "dvc", "repro"], root)
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-qm", "lock"], root)
