@@ -237,11 +237,11 @@ class PriorConfig:
     n_layers: int = 4
     n_heads: int = 4
     d_model: int = 128
-    schedule: str | tuple[str, ...] = "paper"
+    schedule: str | tuple[str, ...] = "full"
     conv_kernel: int = 5
     attn_impl: Literal["dense", "flex", "blocked"] = "dense"
     text_loss_weight: float = 0.125
-    dropout: float = 0.0
+    dropout: float = 0.1
     null_text_prob: float = 0.0
     lr: float = 3e-3
     lr_min: float = 1e-5
@@ -249,7 +249,7 @@ class PriorConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     batch_size: int = 64
-    steps: int = 600
+    steps: int = 1000
     val_images: int = 500
     log_every: int = 25
     val_every: int = 200
@@ -334,7 +334,7 @@ class ClipConfig:
     warmup_steps: int = 50
     weight_decay: float = 0.01
     batch_size: int = 128
-    steps: int = 400
+    steps: int = 800
     val_images: int = 500
     log_every: int = 25
     val_every: int = 200

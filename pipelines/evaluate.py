@@ -16,7 +16,10 @@ Captions on shapes are canonical, not taken from the test split: ``a {size} {col
 built from each chosen image's record (``shapes.canonical_caption``), so every caption names all four attributes
 the accuracies check (other datasets keep each image's first caption). Beside the evaluation network's
 ``accuracy_*`` the pixel-rule judge (``dalle/data/judge.py``) scores the same picks: ``judge_accuracy_{seen,
-held_out}_n<N>`` at every N, all four attributes right. The single-object targets are read from these.
+held_out}_n<N>`` at every N, all four attributes right. The single-object targets are read from these. It also
+judges every one of the headline N candidates, to tell the prior's errors from the reranker's:
+``judge_candidates_<group>`` (the share of all candidates right: N = 1 averaged over N draws per caption) and
+``judge_oracle_<group>_n<N>`` (captions with a right candidate among N: what a perfect reranker would pick).
 
 With ``data.max_objects: 2`` the test split also has two-object images; up to ``eval.n_captions`` of them (half
 seen, half with a held-out pair in either object) get the canonical ``a {size} {colour} {shape} {relation} a
@@ -57,7 +60,7 @@ from dalle.dvae_train import reconstruct  # noqa: E402
 from dalle.evalnet import HEADS, EvalNet, caption_accuracy, image_features  # noqa: E402
 from dalle.fid import InceptionFeatures, blur, frechet_distance  # noqa: E402
 from dalle.generate import Candidates, Models, generate, load_models  # noqa: E402
-from dalle.intervals import bootstrap_fid, error_bars, resamples_for, wilson  # noqa: E402
+from dalle.intervals import bootstrap_fid, error_bars, mean_interval, resamples_for, wilson  # noqa: E402
 from dalle.pixels import to_float_images  # noqa: E402
 from dalle.prior_train import evaluate_prior  # noqa: E402
 from dalle.training import default_device  # noqa: E402
@@ -140,6 +143,29 @@ def judge_hits(images: np.ndarray, records) -> np.ndarray:
     return np.array([judge(image).matches(record)["all"] for image, record in zip(images, records.to_dict("records"))])
 
 
+def judge_candidates(results: list[Candidates], records, n: int) -> np.ndarray:
+    """(captions, n) bools: the pixel-rule judge's verdict on each of the first ``n`` candidates of every caption."""
+    return np.stack([judge_hits(result.images[:n], records.iloc[[i] * n]) for i, result in enumerate(results)])
+
+
+def candidate_metrics(hits: np.ndarray, records) -> dict[str, float]:
+    """What the candidates behind the picks hold, per group: ``judge_candidates_<group>``, the share of all the
+    candidates judged right (the prior alone at N = 1, averaged over every draw; t-interval over captions), and
+    ``judge_oracle_<group>_n<N>``, the share of captions with at least one right candidate among N (a perfect
+    reranker's accuracy, the ceiling of ``judge_accuracy_<group>_n<N>``; Wilson interval)."""
+    metrics: dict[str, float] = {}
+    n = hits.shape[1]
+    for group, members in group_rows(records).items():
+        if len(members) < 2:  # an interval needs two captions
+            continue
+        per_caption = hits[members].mean(axis=1)
+        low, high = mean_interval(per_caption)
+        metrics |= {f"judge_candidates_{group}": float(per_caption.mean()), f"judge_candidates_{group}_low": low}
+        metrics[f"judge_candidates_{group}_high"] = high
+        metrics |= with_interval(f"judge_oracle_{group}_n{n}", float(hits[members].any(axis=1).mean()), len(members))
+    return metrics
+
+
 def two_object_rows(records, n: int, holdout_pairs: Sequence[Sequence[str]]) -> np.ndarray:
     """Row numbers of up to ``n`` two-object images of ``records``: seen ones, then up to ``n // 2`` with a held-out
     (colour, shape) pair, alternating between those that hold it in the first and in the second object."""
@@ -186,14 +212,18 @@ def two_object_metrics(hits: dict[int, list[dict[str, bool]]], held_out: np.ndar
     return metrics
 
 
-def caption_table(captions: list[str], records, verdicts: Sequence[bool] | None, headline: int) -> list[dict]:
-    """One row per generated caption: its text, objects, group and whether the judge passed the pick among N."""
+def caption_table(
+    captions: list[str], records, verdicts: Sequence[bool] | None, headline: int, right: np.ndarray | None = None
+) -> list[dict]:
+    """One row per generated caption: its text, objects, group, whether the judge passed the pick among N and
+    (``right``, single objects) how many of those N candidates it passed."""
     return [
         {
             "caption": caption,
             "objects": int(record.get("n_objects", 1)),
             "held_out": record.get("held_out"),
             f"judged_n{headline}": None if verdicts is None else bool(verdicts[i]),
+            f"right_of_n{headline}": None if right is None else int(right[i]),
         }
         for i, (caption, record) in enumerate(zip(captions, records.to_dict("records")))
     ]
@@ -356,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
             by_n.append(row)
 
         generated, generated_features = chosen_at[headline]
+        candidate_hits = judge_candidates(results, records, headline) if shapes else None
         # The floor on as many images as the samples (the test images of the sampled captions), so that both FIDs
         # carry the same small-sample bias against the same real set.
         recon = reconstruct(models.dvae, real[rows], device)
@@ -419,6 +450,8 @@ def main(argv: list[str] | None = None) -> None:
                 key, name = f"judge_accuracy_{group}", f"judge_accuracy_{group}_n{n_row['n']}"
                 if n_row[key] is not None:
                     metrics.update({name + end: n_row[key + end] for end in ("", "_low", "_high")})
+        if candidate_hits is not None:
+            metrics.update(candidate_metrics(candidate_hits, records))
         # max_objects 2: the same for two-object scenes, by the scene judge, at N = 1 and the headline N only.
         two_chosen = {} if not two_captions else best_picks(list(draw(two_captions, headline)), sorted({1, headline}))
         two_hits = {n: judge_scenes(images, two_records) for n, images in two_chosen.items()}
@@ -438,7 +471,8 @@ def main(argv: list[str] | None = None) -> None:
             args.reports / "sheets", captions, {n: c[0] for n, c in chosen_at.items()}, cfg.sheet_captions
         )
         sheets += write_sheets(args.reports / "sheets", two_captions, two_chosen, cfg.sheet_captions, "two_object")
-        table = caption_table(captions, records, judged_at[headline], headline)
+        right = None if candidate_hits is None else candidate_hits.sum(axis=1)
+        table = caption_table(captions, records, judged_at[headline], headline, right)
         table += caption_table(two_captions, two_records, [h["exact"] for h in two_hits.get(headline, [])], headline)
         sheets.append(args.reports / "sheets" / "captions.csv")
         write_csv(sheets[-1], table, list(table[0]))

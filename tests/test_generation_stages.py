@@ -99,7 +99,7 @@ def runs(client: MlflowClient, experiment: str):
 
 
 def test_train_prior_writes_model_reports_and_mlflow_run(tmp_path, upstream, mlflow_store):
-    params = prior_params(tmp_path, "test-prior-stage")
+    params = prior_params(tmp_path, "test-prior-stage", schedule="paper")  # the paper's sparse masks, not the default
     train_prior.main(prior_args(tmp_path, params, upstream))
     assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == [
         "config.json",
@@ -310,6 +310,14 @@ def test_evaluate_writes_every_metric_and_plot(tmp_path, upstream, trained, mlfl
         verdicts = [row["judged_n3"] == "True" for row in table if row["held_out"] == held_out]
         assert len(verdicts) == 2 and metrics[f"judge_accuracy_{group}_n3"] == pytest.approx(np.mean(verdicts))
         assert metrics[f"judge_accuracy_{group}_n3_low"] <= metrics[f"judge_accuracy_{group}_n3"]
+        # Every candidate judged: the pick is one of the 3, so a caption passed at N=3 has a right candidate.
+        right = [int(row["right_of_n3"]) for row in table if row["held_out"] == held_out]
+        assert all(0 <= r <= 3 for r in right) and all(r > 0 for r, v in zip(right, verdicts) if v)
+        assert metrics[f"judge_candidates_{group}"] == pytest.approx(np.mean(right) / 3)
+        assert metrics[f"judge_oracle_{group}_n3"] == pytest.approx(np.mean([r > 0 for r in right]))
+        assert metrics[f"judge_oracle_{group}_n3"] >= metrics[f"judge_accuracy_{group}_n3"]
+        low, high = metrics[f"judge_candidates_{group}_low"], metrics[f"judge_candidates_{group}_high"]
+        assert low <= metrics[f"judge_candidates_{group}"] <= high
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test-late-stages").experiment_id
     (run,) = client.search_runs([experiment], "tags.stage = 'evaluate'")
