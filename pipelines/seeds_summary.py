@@ -42,6 +42,10 @@ HEADLINE = (
     ("eval", "judge_accuracy_held_out_n1"),
     ("eval", "judge_accuracy_seen_n{n}"),
     ("eval", "judge_accuracy_held_out_n{n}"),
+    ("eval", "judge_candidates_seen"),  # every candidate judged: N = 1 over N draws per caption (less noisy)
+    ("eval", "judge_candidates_held_out"),
+    ("eval", "judge_oracle_seen_n{n}"),  # a right candidate among N: the reranker's ceiling
+    ("eval", "judge_oracle_held_out_n{n}"),
     ("eval", "fid"),
     ("eval", "fid_reconstruction"),
     ("eval", "test_image_bits"),
