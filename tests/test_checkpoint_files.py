@@ -23,7 +23,7 @@ from dalle.prior_train import train_prior
 
 REPO = Path(__file__).resolve().parents[1]
 GEOMETRY = PriorGeometry(text_vocab=12, text_len=5, image_vocab=8, grid=3)
-CFG = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3)
+CFG = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3, schedule="paper")
 
 # Saves a prior's weights, but SIGKILLs itself at the rename that would publish model.safetensors.
 KILLED_SAVE = """
@@ -38,7 +38,7 @@ def kill_at_rename(source, target):
     rename(source, target)
 checkpoint.os.replace = kill_at_rename
 torch.manual_seed(1)
-cfg = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3)
+cfg = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3, schedule="paper")
 geometry = PriorGeometry(text_vocab=12, text_len=5, image_vocab=8, grid=3)
 checkpoint.save_weights(Prior(cfg, geometry), sys.argv[1], {"marker": "new"})
 """
@@ -87,7 +87,7 @@ def test_a_truncated_checkpoint_names_the_file_and_resume_false(tmp_path):
     (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptFile, match=r"last\.pt is damaged.*set prior\.resume: false"):
         load_checkpoint(tmp_path / "last.pt", "prior")
-    cfg = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3, steps=2)
+    cfg = PriorConfig(n_layers=2, n_heads=2, d_model=16, conv_kernel=3, schedule="paper", steps=2)
 
     with pytest.raises(CorruptFile, match=r"last\.pt is damaged.*prior\.resume: false"):
         train_prior(cfg, 0, TOY, colour_tokens(16), colour_tokens(8, seed=1), tmp_path / "last.pt")

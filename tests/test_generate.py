@@ -36,7 +36,7 @@ def models_dir(tmp_path_factory) -> Path:
     dvae_cfg = DvaeConfig(codebook_size=16, hidden=8, codebook_dim=16)
     save_weights(DiscreteVAE(dvae_cfg), root / "dvae", {**dataclasses.asdict(dvae_cfg), "image_size": 16})
     geometry = PriorGeometry(text_vocab=tokenizer.vocab_size, text_len=TEXT_LEN, image_vocab=16, grid=4)
-    prior_cfg = PriorConfig(n_layers=2, n_heads=2, d_model=32, conv_kernel=3)
+    prior_cfg = PriorConfig(n_layers=2, n_heads=2, d_model=32, conv_kernel=3, schedule="paper")
     config = {**dataclasses.asdict(prior_cfg), "geometry": dataclasses.asdict(geometry)}
     save_weights(Prior(prior_cfg, geometry), root / "prior", config)
     tokenizer.save(root / "prior" / "tokenizer.json")

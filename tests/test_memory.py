@@ -175,7 +175,7 @@ def test_peak_of_a_training_step_matches_the_total(checkpointing, tmp_path):
     ],
 )
 def test_parameter_count_is_what_the_prior_builds(n_layers, n_heads, d_model, geometry):
-    cfg = PriorConfig(n_layers=n_layers, n_heads=n_heads, d_model=d_model, conv_kernel=3)
+    cfg = PriorConfig(n_layers=n_layers, n_heads=n_heads, d_model=d_model, conv_kernel=3, schedule="paper")
     with torch.device("meta"):  # shapes only: the 12B prior would need 49 GB
         prior = Prior(cfg, geometry)
     parameters = list(prior.parameters())

@@ -19,7 +19,9 @@ quiet_flex = pytest.mark.filterwarnings("ignore:.*flex.?attention.*:UserWarning"
 
 def make_prior(schedule: str = "paper", attn_impl: str = "dense", n_layers: int = 3, seed: int = 0) -> Prior:
     torch.manual_seed(seed)
-    cfg = PriorConfig(n_layers=n_layers, n_heads=2, d_model=32, schedule=schedule, conv_kernel=3, attn_impl=attn_impl)
+    cfg = PriorConfig(
+        n_layers=n_layers, n_heads=2, d_model=32, schedule=schedule, conv_kernel=3, attn_impl=attn_impl, dropout=0.0
+    )  # no dropout: the tests compare kernels, caches and gradients in train mode
     return Prior(cfg, GEOMETRY).eval()
 
 
